@@ -1,0 +1,28 @@
+"""Model adapters, one per model family; `adapt` picks the one that fits a model."""
+from __future__ import annotations
+
+import torch
+
+from ..errors import UnsupportedModelError
+from .base import Adapter
+from .hf_vit import HFViTAdapter
+from .timm_vit import TimmViTAdapter
+
+ADAPTERS: list[type[Adapter]] = [HFViTAdapter, TimmViTAdapter]
+
+SUPPORTED = ("Hugging Face ViTForImageClassification, DeiTForImageClassification, "
+             "DeiTForImageClassificationWithTeacher, BertForSequenceClassification, "
+             "RobertaForSequenceClassification, DistilBertForSequenceClassification; "
+             "timm VisionTransformer (class-token pooling)")
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    ADAPTERS.append(cls)
+    return cls
+
+
+def adapt(model: torch.nn.Module, dtype: torch.dtype) -> Adapter:
+    for cls in ADAPTERS:
+        if cls.matches(model):
+            return cls(model, dtype)
+    raise UnsupportedModelError(f"relprop does not support {type(model).__name__}. Supported: {SUPPORTED}.")

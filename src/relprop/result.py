@@ -1,0 +1,76 @@
+"""The result of an explanation and the helpers a user needs to look at it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Internals:
+    """Per block (index -> tensor [B, H, N, N]): attention A, its gradient ∇A, its relevance R_A."""
+
+    attention: list[torch.Tensor]
+    attention_grad: dict[int, torch.Tensor] = field(default_factory=dict)
+    attention_relevance: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise each sample to [0, 1]; a constant map becomes all zeros."""
+    flat = x.flatten(1)
+    low, high = flat.min(dim=1, keepdim=True).values, flat.max(dim=1, keepdim=True).values
+    span = high - low
+    out = torch.where(span > 0, (flat - low) / torch.where(span > 0, span, torch.ones_like(span)),
+                      torch.zeros_like(flat))
+    return out.reshape(x.shape)
+
+
+@dataclass
+class Explanation:
+    relevance: torch.Tensor            # [B, T] per patch/token, or [B, H, W] per pixel (lrp)
+    target: torch.Tensor               # [B] explained class
+    logits: torch.Tensor               # [B, classes]
+    method: str
+    options: dict[str, Any]
+    grid: Optional[tuple[int, int]] = None          # patch grid (vision, token-level maps)
+    input_size: Optional[tuple[int, int]] = None    # image size (vision)
+    mask: Optional[torch.Tensor] = None             # [B, L] real tokens (text)
+    internals: Optional[Internals] = None
+
+    def __len__(self) -> int:
+        return self.relevance.shape[0]
+
+    @property
+    def is_pixel_level(self) -> bool:
+        return self.relevance.dim() == 3
+
+    def as_grid(self) -> torch.Tensor:
+        """Patch scores on the patch grid: [B, h, w]."""
+        if self.is_pixel_level:
+            return self.relevance
+        if self.grid is None:
+            raise ValueError("this explanation has no patch grid (text model)")
+        return self.relevance.reshape(-1, *self.grid)
+
+    def upsampled(self, size: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """[B, H, W] map at the image size, bilinearly upsampled from the patch grid as the
+        paper's scripts do (``F.interpolate(..., mode='bilinear')``); pixel maps as they are."""
+        size = tuple(size or self.input_size)
+        grid = self.as_grid()
+        if tuple(grid.shape[-2:]) == size:
+            return grid
+        return F.interpolate(grid[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+    def normalized(self) -> torch.Tensor:
+        """Relevance min-max normalised per sample (padding ignored for text)."""
+        if self.mask is None:
+            return normalize(self.relevance)
+        masked = self.relevance.masked_fill(~self.mask, float("nan"))
+        low = torch.nan_to_num(masked, nan=float("inf")).min(dim=1, keepdim=True).values
+        high = torch.nan_to_num(masked, nan=float("-inf")).max(dim=1, keepdim=True).values
+        span = high - low
+        out = torch.where(span > 0, (self.relevance - low) / torch.where(span > 0, span, torch.ones_like(span)),
+                          torch.zeros_like(self.relevance))
+        return out.masked_fill(~self.mask, 0)

@@ -1,0 +1,144 @@
+"""LRP rules as small objects, one per layer kind.
+
+Each rule maps the relevance of a layer's output back to its input(s). They follow the
+reference implementation of Chefer et al. (CVPR 2021) operation for operation, because the
+maps are ill-conditioned: a different but algebraically equal formula changes the result
+far beyond rounding. Two rule sets exist:
+
+* ``PAPER``: the paper's rules (alpha=1/beta=0 with one shared denominator for the positive
+  and negative parts; residual additions renormalised by the branches' absolute sums).
+* ``PLAIN``: plain LRP as used for the paper's LRP baselines (separate denominators,
+  un-normalised additions).
+
+All sums that normalise are taken per sample (over every dimension but the first), so a
+batch gives exactly what each sample gives alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+EPS = 1e-9
+
+
+def safe_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a / (b + 1e-9)``, and 0 where ``b == 0`` (the reference's stabiliser, bit for bit)."""
+    den = b.clamp(min=EPS) + b.clamp(max=EPS)
+    den = den + den.eq(0).to(den.dtype) * EPS
+    return a / den * b.ne(0).to(b.dtype)
+
+
+def _per_sample_sum(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], -1).sum(dim=1).reshape((-1,) + (1,) * (x.dim() - 1))
+
+
+class LinearRule:
+    """Relevance of ``x`` in ``z = x @ W.T (+ b)``; the bias never receives relevance."""
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class ZPlusSharedRule(LinearRule):
+    """alpha=1, beta=0 with one denominator ``x+ W+ + x- W-`` (the paper's rule)."""
+
+    def __call__(self, x, weight, relevance):
+        pos_w, neg_w = weight.clamp(min=0), weight.clamp(max=0)
+        pos_x, neg_x = x.clamp(min=0), x.clamp(max=0)
+        scale = safe_divide(relevance, pos_x @ pos_w.T + neg_x @ neg_w.T)
+        return pos_x * (scale @ pos_w) + neg_x * (scale @ neg_w)
+
+
+class ZPlusSeparateRule(LinearRule):
+    """alpha=1, beta=0 with separate denominators for the two parts (plain LRP)."""
+
+    def __call__(self, x, weight, relevance):
+        pos_w, neg_w = weight.clamp(min=0), weight.clamp(max=0)
+        pos_x, neg_x = x.clamp(min=0), x.clamp(max=0)
+        pos_scale = safe_divide(relevance, pos_x @ pos_w.T)
+        neg_scale = safe_divide(relevance, neg_x @ neg_w.T)
+        return pos_x * (pos_scale @ pos_w) + neg_x * (neg_scale @ neg_w)
+
+
+class AddRule:
+    """Relevance of the two summands of ``a + b``."""
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor):
+        scale = safe_divide(relevance, a + b)
+        return a * scale, b * scale
+
+
+class NormalizedAddRule(AddRule):
+    """Split proportionally, then rescale each branch so its total is its share of the
+    output's total, shares given by the branches' absolute sums (the paper's residual rule)."""
+
+    def __call__(self, a, b, relevance):
+        rel_a, rel_b = super().__call__(a, b, relevance)
+        sum_a, sum_b, total = _per_sample_sum(rel_a), _per_sample_sum(rel_b), _per_sample_sum(relevance)
+        abs_total = sum_a.abs() + sum_b.abs()
+        rel_a = rel_a * safe_divide(safe_divide(sum_a.abs(), abs_total) * total, sum_a)
+        rel_b = rel_b * safe_divide(safe_divide(sum_b.abs(), abs_total) * total, sum_b)
+        return rel_a, rel_b
+
+
+def clone_rule(x: torch.Tensor, *relevances: torch.Tensor) -> torch.Tensor:
+    """A tensor used by several consumers collects their relevances (the reference's Clone)."""
+    scale = safe_divide(relevances[0], x)
+    for rel in relevances[1:]:
+        scale = scale + safe_divide(rel, x)
+    return x * scale
+
+
+def select_rule(x: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+    """Relevance of a selected slice ``x`` of a larger tensor (pooling a token)."""
+    return x * safe_divide(relevance, x)
+
+
+def matmul_rule(left: torch.Tensor, right: torch.Tensor, relevance: torch.Tensor):
+    """Relevance of both factors of ``left @ right`` by gradient x input, each halved.
+
+    Each factor alone would receive the full relevance, so the two are halved to share it.
+    """
+    scale = safe_divide(relevance, left @ right)
+    return left * (scale @ right.transpose(-1, -2)) / 2, right * (left.transpose(-1, -2) @ scale) / 2
+
+
+def bounded_input_rule(x_patches: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor,
+                       low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """z^B rule for the first layer, whose inputs lie in ``[low, high]`` (per sample).
+
+    ``x_patches`` [B, P, K] are the flattened patches, ``weight`` [D, K]. A sample whose input
+    is constant has no usable bounds; it falls back to the plain z-rule instead of dividing
+    by a rounding residue.
+    """
+    constant = (high == low).reshape(-1, 1, 1)
+    low = torch.where(constant, torch.zeros_like(low.reshape(-1, 1, 1)), low.reshape(-1, 1, 1))
+    high = torch.where(constant, torch.zeros_like(high.reshape(-1, 1, 1)), high.reshape(-1, 1, 1))
+    pos_w, neg_w = weight.clamp(min=0), weight.clamp(max=0)
+    z = x_patches @ weight.T - low * pos_w.sum(dim=1) - high * neg_w.sum(dim=1)
+    scale = safe_divide(relevance, z)
+    return x_patches * (scale @ weight) - low * (scale @ pos_w) - high * (scale @ neg_w)
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    """The rules used for one explanation: how linear layers and additions propagate."""
+
+    name: str
+    linear: LinearRule
+    add: AddRule
+
+
+PAPER = RuleSet("paper", ZPlusSharedRule(), NormalizedAddRule())
+PLAIN = RuleSet("plain", ZPlusSeparateRule(), AddRule())
+RULE_SETS = {PAPER.name: PAPER, PLAIN.name: PLAIN}
+
+
+def get_rule_set(name: str | RuleSet) -> RuleSet:
+    if isinstance(name, RuleSet):
+        return name
+    try:
+        return RULE_SETS[name]
+    except KeyError:
+        raise ValueError(f"unknown rules {name!r}; choose one of {sorted(RULE_SETS)}") from None
