@@ -5,10 +5,11 @@ import torch
 
 from ..errors import UnsupportedModelError
 from .base import Adapter
+from .hf_text import BertAdapter, DistilBertAdapter, RobertaAdapter
 from .hf_vit import HFViTAdapter
 from .timm_vit import TimmViTAdapter
 
-ADAPTERS: list[type[Adapter]] = [HFViTAdapter, TimmViTAdapter]
+ADAPTERS: list[type[Adapter]] = [HFViTAdapter, TimmViTAdapter, BertAdapter, RobertaAdapter, DistilBertAdapter]
 
 SUPPORTED = ("Hugging Face ViTForImageClassification, DeiTForImageClassification, "
              "DeiTForImageClassificationWithTeacher, BertForSequenceClassification, "
