@@ -1,0 +1,80 @@
+"""Shared fixtures: the golden models (authors' reference numbers) and small stock models."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+GOLDEN = Path(__file__).parent / "data" / "golden"
+
+
+def golden_file(name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(GOLDEN / name))
+
+
+def hf_folder(tmp_path_factory, fixture: str) -> Path:
+    folder = tmp_path_factory.mktemp(fixture)
+    shutil.copy(GOLDEN / f"{fixture}.hf_config.json", folder / "config.json")
+    shutil.copy(GOLDEN / f"{fixture}.hf.safetensors", folder / "model.safetensors")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def vit_folder(tmp_path_factory) -> Path:
+    folder = hf_folder(tmp_path_factory, "vit_small")
+    (folder / "preprocessor_config.json").write_text(
+        '{"image_processor_type": "ViTImageProcessor", "do_resize": true, "size": {"height": 224, "width": 224},'
+        ' "do_rescale": true, "rescale_factor": 0.00392156862745098, "do_normalize": true,'
+        ' "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 2}')
+    return folder
+
+
+@pytest.fixture(scope="session")
+def vit_model(vit_folder):
+    from transformers import ViTForImageClassification
+    return ViTForImageClassification.from_pretrained(vit_folder, attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="session")
+def vit_inputs():
+    inputs = golden_file("vit_small.inputs.safetensors")
+    inputs["pixel_values"] = (inputs["images_u8"].float() / 255 - 0.5) / 0.5
+    return inputs
+
+
+@pytest.fixture(scope="session")
+def bert_folder(tmp_path_factory) -> Path:
+    return hf_folder(tmp_path_factory, "bert_small")
+
+
+@pytest.fixture(scope="session")
+def bert_model(bert_folder):
+    from transformers import BertForSequenceClassification
+    return BertForSequenceClassification.from_pretrained(bert_folder, attn_implementation="eager").eval()
+
+
+@pytest.fixture(scope="session")
+def bert_inputs():
+    return golden_file("bert_small.inputs.safetensors")
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| relative to max |expected| (the golden README's measure)."""
+    actual, expected = actual.double().flatten(), expected.double().flatten()
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+@pytest.fixture(scope="session")
+def timm_style_vit():
+    from tests.timm_style import VisionTransformer
+    model = VisionTransformer()
+    model.load_state_dict(golden_file("vit_small.weights.safetensors"))
+    return model.eval()
