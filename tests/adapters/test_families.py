@@ -1,0 +1,141 @@
+"""Every supported family, built with default settings (SDPA attention, training mode):
+relprop's internal forward gives the model's own logits, its attention and attention
+gradients equal the eager model's, and the result does not depend on the attention
+implementation the model was created with."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+import relprop
+
+VISION = {
+    "vit": (tf.ViTConfig, tf.ViTForImageClassification),
+    "deit": (tf.DeiTConfig, tf.DeiTForImageClassification),
+    "deit_teacher": (tf.DeiTConfig, tf.DeiTForImageClassificationWithTeacher),
+}
+TEXT = {
+    "bert": (tf.BertConfig, tf.BertForSequenceClassification),
+    "roberta": (tf.RobertaConfig, tf.RobertaForSequenceClassification),
+    "distilbert": (tf.DistilBertConfig, tf.DistilBertForSequenceClassification),
+}
+
+
+def _build(name, attn_implementation=None):
+    torch.manual_seed(0)
+    if name in VISION:
+        config_cls, model_cls = VISION[name]
+        config = config_cls(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                            image_size=32, patch_size=8, num_labels=5)
+    else:
+        config_cls, model_cls = TEXT[name]
+        if name == "distilbert":
+            config = config_cls(dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=100, num_labels=3,
+                                max_position_embeddings=40)
+        else:
+            config = config_cls(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                                vocab_size=100, num_labels=3, max_position_embeddings=40)
+    if attn_implementation:
+        config._attn_implementation = attn_implementation
+    model = model_cls(config)
+    # stronger-than-default weights so attention is far from uniform
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 1.0 / p.shape[1] ** 0.5)
+    return model
+
+
+def _inputs(name, batch=3):
+    gen = torch.Generator().manual_seed(1)
+    if name in VISION:
+        return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=gen)}
+    ids = torch.randint(5, 100, (batch, 12), generator=gen)
+    ids[:, 0] = 0 if name == "roberta" else 2
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    pad = 1 if name == "roberta" else 0
+    ids[1, 7:] = pad
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+FAMILIES = list(VISION) + list(TEXT)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_logits_equal_models_own(name):
+    model = _build(name)
+    assert model.training and model.config._attn_implementation == "sdpa"
+    inputs = _inputs(name)
+    explainer = relprop.Explainer(model)
+    model.eval()
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    ours = explainer.logits(inputs)
+    assert torch.allclose(ours, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_attention_and_gradients_equal_eager_model(name):
+    model = _build(name, "eager").eval()
+    inputs = _inputs(name)
+    target = torch.tensor([0, 1, 2])
+    out = model(**inputs, output_attentions=True)
+    for a in out.attentions:
+        a.retain_grad()
+    out.logits.gather(1, target[:, None]).sum().backward()
+    internals = relprop.Explainer(model, dtype=torch.float64).explain(
+        inputs, "grad_rollout", target=target, keep_internals=True).internals
+    valid = inputs.get("attention_mask", torch.ones(3, out.attentions[0].shape[-1])).bool()
+    for block, reference in enumerate(out.attentions):
+        keep = valid[:, None, :, None] & valid[:, None, None, :]          # padded rows are arbitrary
+        ours_a = internals.attention[block].float()
+        assert torch.allclose(ours_a * keep, reference * keep, atol=1e-5)
+        grad = internals.attention_grad[block].float()
+        assert torch.allclose(grad * keep, reference.grad * keep, atol=1e-5 * reference.grad.abs().max())
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_sdpa_model_explained_like_eager_copy(name):
+    sdpa, eager = _build(name), _build(name, "eager")
+    inputs = _inputs(name)
+    for method in relprop.methods():
+        a = relprop.Explainer(sdpa).explain(inputs, method, target=1).relevance
+        b = relprop.Explainer(eager).explain(inputs, method, target=1).relevance
+        assert torch.equal(a, b)
+    assert sdpa.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("name", list(TEXT))
+def test_paper_rules_conserve_relevance_to_the_encoder_input(name):
+    """With the paper's rules every layer conserves relevance: the input relevance sums to 1."""
+    model = _build(name)
+    result = relprop.Explainer(model, dtype=torch.float64).explain(_inputs(name), "lrp", rules="paper", target=0)
+    assert torch.allclose(result.relevance.sum(1), torch.ones(3, dtype=torch.float64), atol=1e-6)
+
+
+def test_deit_distillation_token_excluded():
+    model = _build("deit_teacher")
+    result = relprop.Explainer(model).explain(_inputs("deit_teacher"), "transformer_attribution")
+    assert result.relevance.shape == (3, 16) and result.as_grid().shape == (3, 4, 4)
+
+
+def test_timm_layout_logits(timm_style_vit, vit_inputs):
+    x = vit_inputs["pixel_values"][:2]
+    with torch.no_grad():
+        expected = timm_style_vit(x)
+    assert torch.allclose(relprop.Explainer(timm_style_vit).logits(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_real_timm_model(vit_inputs):
+    timm = pytest.importorskip("timm", reason="timm is not installed (it needs torchvision); "
+                                              "the timm layout is tested through tests/timm_style.py")
+    from tests.conftest import golden_file
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, embed_dim=64, depth=4,
+                              num_heads=4, mlp_ratio=4.0, qkv_bias=True)
+    model.load_state_dict(golden_file("vit_small.weights.safetensors"))
+    x = vit_inputs["pixel_values"][:1]
+    ours = relprop.Explainer(model.eval(), dtype=torch.float64).explain(x, "transformer_attribution", target=9)
+    reference = golden_file("vit_small.outputs_fp64.safetensors")["img0/pred/transformer_attribution_start0"]
+    assert (ours.relevance - reference).abs().max() <= 1e-5 * reference.abs().max()
