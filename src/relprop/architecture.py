@@ -23,6 +23,11 @@ class Linear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x, self.weight, self.bias)
 
+    def with_preactivation(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x @ W.T, x @ W.T + b)``: the bias-free product is reused by the LRP rules."""
+        product = torch.nn.functional.linear(x, self.weight)
+        return product, product if self.bias is None else product + self.bias
+
 
 @dataclass
 class LayerNorm:

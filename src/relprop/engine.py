@@ -40,6 +40,7 @@ class BlockRecord:
     fc1_in: torch.Tensor
     hidden: torch.Tensor             # fc2 input
     mlp_out: torch.Tensor
+    products: dict[str, torch.Tensor]   # bias-free x @ W.T of each linear layer
 
 
 @dataclass
@@ -47,6 +48,7 @@ class ForwardPass:
     logits: torch.Tensor
     records: list[BlockRecord]
     head_inputs: list[list[torch.Tensor]]   # per branch: the pooled token, then each layer's input
+    head_products: list[list[torch.Tensor]]
     branch_logits: list[torch.Tensor]
     pooled_rows: dict[int, int]             # token index -> row of the last block's output
     last_rows: int                          # rows of the last block's output
@@ -67,45 +69,53 @@ def _block_forward(block: Block, x_in: torch.Tensor, mask: Optional[torch.Tensor
                    rows: Optional[torch.Tensor]) -> tuple[torch.Tensor, BlockRecord]:
     attn_in = block.norm1(x_in) if block.pre_norm else x_in
     q_in = attn_in if rows is None else attn_in[:, rows]
-    q = _split_heads(block.query(q_in), block.num_heads)
-    k = _split_heads(block.key(attn_in), block.num_heads)
-    v = _split_heads(block.value(attn_in), block.num_heads)
+    products = {}
+
+    def linear(name, x):
+        products[name], out = getattr(block, name).with_preactivation(x)
+        return out
+
+    q = _split_heads(linear("query", q_in), block.num_heads)
+    k = _split_heads(linear("key", attn_in), block.num_heads)
+    v = _split_heads(linear("value", attn_in), block.num_heads)
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     masked_scores = scores + mask if block.masked else scores
     attention = masked_scores.softmax(dim=-1)
     context = _merge_heads(attention @ v)
-    attn_out = block.out(context)
+    attn_out = linear("out", context)
     residual = x_in if rows is None else x_in[:, rows]
     x_mid = residual + attn_out
     if not block.pre_norm:
         x_mid = block.norm1(x_mid)
     fc1_in = block.norm2(x_mid) if block.pre_norm else x_mid
-    hidden = block.activation(block.fc1(fc1_in))
-    mlp_out = block.fc2(hidden)
+    hidden = block.activation(linear("fc1", fc1_in))
+    mlp_out = linear("fc2", hidden)
     x_out = x_mid + mlp_out
     if not block.pre_norm:
         x_out = block.norm2(x_out)
     record = BlockRecord(rows, x_in, attn_in, q_in, q, k, v, scores if block.masked else None,
                          mask if block.masked else None, attention, context, residual, attn_out,
-                         x_mid, fc1_in, hidden, mlp_out)
+                         x_mid, fc1_in, hidden, mlp_out, products)
     return x_out, record
 
 
 def _head_forward(arch: Architecture, x: torch.Tensor, pooled_rows: dict[int, int]):
-    logits, inputs = [], []
+    logits, inputs, products = [], [], []
     for branch in arch.head:
         z = x[:, pooled_rows[branch.token]]
-        branch_inputs = [z]
+        branch_inputs, branch_products = [z], []
         for i, layer in enumerate(branch.layers):
-            z = layer(z)
+            product, z = layer.with_preactivation(z)
+            branch_products.append(product)
             if i < len(branch.layers) - 1:
                 if branch.activations[i] is not None:
                     z = branch.activations[i](z)
                 branch_inputs.append(z)
         logits.append(z)
         inputs.append(branch_inputs)
+        products.append(branch_products)
     out = logits[0] if len(logits) == 1 else sum(logits) / len(logits)
-    return out, logits, inputs
+    return out, logits, inputs, products
 
 
 def key_mask_bias(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -136,8 +146,8 @@ def forward(arch: Architecture, hidden: torch.Tensor, valid: torch.Tensor, *,
     if arch.final_norm is not None:
         x = arch.final_norm(x)
     pooled_rows = {t: (pooled.index(t) if not all_rows else t) for t in pooled}
-    logits, branch_logits, head_inputs = _head_forward(arch, x, pooled_rows)
-    return ForwardPass(logits, records, head_inputs, branch_logits, pooled_rows, x.shape[1], hidden.shape[1])
+    logits, branch_logits, head_inputs, head_products = _head_forward(arch, x, pooled_rows)
+    return ForwardPass(logits, records, head_inputs, head_products, branch_logits, pooled_rows, x.shape[1], hidden.shape[1])
 
 
 def attention_gradients(fwd: ForwardPass, target: torch.Tensor, blocks: list[int]) -> dict[int, torch.Tensor]:
@@ -175,9 +185,9 @@ def _head_relevance(arch: Architecture, fwd: ForwardPass, rules: RuleSet, one_ho
         raise NotImplementedError("heads with more than two branches")
     first_input = fwd.head_inputs[0][0]
     out = first_input.new_zeros(first_input.shape[0], fwd.last_rows, first_input.shape[-1])
-    for branch, inputs, rel in zip(arch.head, fwd.head_inputs, branch_relevance):
-        for layer, x in zip(reversed(branch.layers), reversed(inputs)):
-            rel = rules.linear(x, layer.weight, rel)
+    for branch, inputs, products, rel in zip(arch.head, fwd.head_inputs, fwd.head_products, branch_relevance):
+        for layer, x, product in zip(reversed(branch.layers), reversed(inputs), reversed(products)):
+            rel = rules.linear(x, layer.weight, rel, product)
         out[:, fwd.pooled_rows[branch.token]] += select_rule(inputs[0], rel)
     return out
 
@@ -192,11 +202,12 @@ def propagate(arch: Architecture, fwd: ForwardPass, target: torch.Tensor, rules:
     for index in range(len(arch.blocks) - 1, lowest_block - 1, -1):
         block, rec = arch.blocks[index], fwd.records[index]
         rel_x_mid, rel_mlp = rules.add(rec.x_mid, rec.mlp_out, relevance)
-        rel_hidden = rules.linear(rec.hidden, block.fc2.weight, rel_mlp)
-        rel_fc1_in = rules.linear(rec.fc1_in, block.fc1.weight, rel_hidden)
+        products = rec.products
+        rel_hidden = rules.linear(rec.hidden, block.fc2.weight, rel_mlp, products["fc2"])
+        rel_fc1_in = rules.linear(rec.fc1_in, block.fc1.weight, rel_hidden, products["fc1"])
         rel_x_mid = clone_rule(rec.x_mid, rel_x_mid, rel_fc1_in)
         rel_residual, rel_attn_out = rules.add(rec.residual, rec.attn_out, rel_x_mid)
-        rel_context = rules.linear(rec.context, block.out.weight, rel_attn_out)
+        rel_context = rules.linear(rec.context, block.out.weight, rel_attn_out, products["out"])
         rel_attention, rel_v = matmul_rule(rec.attention, rec.v, _split_heads(rel_context, block.num_heads))
         result.attention[index] = rel_attention
         if index == lowest_block and not to_input:
@@ -206,10 +217,11 @@ def propagate(arch: Architecture, fwd: ForwardPass, target: torch.Tensor, rules:
             rel_scores, _ = rules.add(rec.scores, rec.mask.expand_as(rec.scores), rel_attention)
         rel_q, rel_k_t = matmul_rule(rec.q, rec.k.transpose(-1, -2), rel_scores)
         num_tokens = rec.x_in.shape[1]
-        rel_q_in = _scatter_rows(rules.linear(rec.q_in, block.query.weight, _merge_heads(rel_q)),
+        rel_q_in = _scatter_rows(rules.linear(rec.q_in, block.query.weight, _merge_heads(rel_q), products["query"]),
                                  rec.rows, num_tokens)
-        rel_k_in = rules.linear(rec.attn_in, block.key.weight, _merge_heads(rel_k_t.transpose(-1, -2)))
-        rel_v_in = rules.linear(rec.attn_in, block.value.weight, _merge_heads(rel_v))
+        rel_k_in = rules.linear(rec.attn_in, block.key.weight, _merge_heads(rel_k_t.transpose(-1, -2)),
+                                products["key"])
+        rel_v_in = rules.linear(rec.attn_in, block.value.weight, _merge_heads(rel_v), products["value"])
         if block.qkv_fork == "clone":
             rel_attn_in = clone_rule(rec.attn_in, rel_q_in, rel_k_in, rel_v_in)
         else:
