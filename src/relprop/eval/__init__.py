@@ -1,0 +1,20 @@
+"""The paper's two vision benchmarks (Chefer, Gur & Wolf, CVPR 2021), defined as in the
+authors' scripts, as resumable runs.
+
+Perturbation test (``perturbation.run_perturbation``, ``relprop eval perturbation``):
+data is an ImageNet-style folder ``DATA/<class_dir>/<image>``; class indices come from the
+sorted folder names unless a label map is given. Result: top-1 accuracy after removing
+0%, 10%, ..., 90% of the pixels (positive: most relevant first; negative: least relevant
+first) and its AUC (x100, the paper's scale: lower is better for positive, higher for
+negative).
+
+Segmentation test (``segmentation.run_segmentation``, ``relprop eval segmentation``):
+data is the ImageNet-segmentation file ``gtsegs_ijcv.mat`` or a folder
+``DATA/images/NAME.ext`` + ``DATA/masks/NAME.png`` (mask > 0 is foreground). Results:
+pixel accuracy, IoU per class, mIoU and mAP, stored as fractions in [0, 1] (the CLI
+prints percentages, like the paper).
+
+Output folder: ``<benchmark>.jsonl`` (one fsynced record per sample, method and mode;
+a rerun skips what is there), ``<benchmark>_summary.json`` (settings, per-method results
+and the unreadable samples that were skipped) and ``perturbation.png``.
+"""

@@ -1,0 +1,97 @@
+"""Loading a classifier and the preprocessing the benchmarks apply to its inputs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .images import Normalization
+
+log = logging.getLogger(__name__)
+
+PREPROCESSOR_FILE = "preprocessor_config.json"
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def load_model(spec: str, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """``AutoModelForImageClassification`` from a local folder or a Hub id, in eval mode."""
+    from transformers import AutoModelForImageClassification
+
+    path = Path(spec)
+    if path.exists() and not path.is_dir():
+        raise ModelLoadError(f"{spec} is a file; pass the model folder (config.json + weights)")
+    # Hub ids are "name" or "org/name"; anything else that does not exist is a mistyped path.
+    if not path.exists() and (path.is_absolute() or spec.startswith((".", "~")) or spec.count("/") > 1):
+        raise ModelLoadError(f"model folder not found: {spec}")
+    try:
+        model = AutoModelForImageClassification.from_pretrained(spec, local_files_only=path.is_dir())
+    except OSError as error:
+        if path.is_dir():
+            raise ModelLoadError(f"could not load a model from folder {spec}: {error}") from error
+        raise ModelLoadError(
+            f"{spec!r} is not a local folder, and fetching it from the Hugging Face Hub failed "
+            f"(offline?). Pass a folder saved with save_pretrained(), or download it first. ({error})"
+        ) from error
+    return model.to(device).eval()
+
+
+def read_preprocessor_config(spec: str) -> dict[str, Any]:
+    """The model's ``preprocessor_config.json`` as a dict, or {} when there is none."""
+    path = Path(spec)
+    if path.is_dir():
+        file = path / PREPROCESSOR_FILE
+        if file.is_file():
+            return json.loads(file.read_text(encoding="utf-8"))
+        log.warning("no %s in %s; using defaults", PREPROCESSOR_FILE, spec)
+        return {}
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(spec, PREPROCESSOR_FILE)).read_text(encoding="utf-8"))
+    except Exception as error:  # offline, missing file: fall back to the defaults, loudly
+        log.warning("no %s for %s (%s); using defaults", PREPROCESSOR_FILE, spec, error)
+        return {}
+
+
+def _pair(value: Any) -> tuple[int, int] | None:
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return int(value[0]), int(value[1])
+    if isinstance(value, dict) and "height" in value and "width" in value:
+        return int(value["height"]), int(value["width"])
+    return None
+
+
+def image_size(model: torch.nn.Module, preprocessor: dict[str, Any]) -> tuple[int, int]:
+    """(H, W) the model takes: its config's image_size (what the position embeddings were
+    trained for), else the processor's size, else 224."""
+    return (_pair(getattr(getattr(model, "config", None), "image_size", None))
+            or _pair(preprocessor.get("size"))
+            or (224, 224))
+
+
+def normalization(preprocessor: dict[str, Any]) -> Normalization:
+    """The processor's mean/std, defaulting to 0.5 (the paper's ViT)."""
+    default = Normalization()
+    mean = preprocessor.get("image_mean") or default.mean
+    std = preprocessor.get("image_std") or default.std
+    return Normalization(tuple(float(v) for v in mean), tuple(float(v) for v in std))
+
+
+def patch_size(model: torch.nn.Module) -> int:
+    """Patch side of a Hugging Face ViT/DeiT or a timm ViT."""
+    size = getattr(getattr(model, "config", None), "patch_size", None)
+    if size is None:
+        size = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    pair = _pair(size)
+    if pair is None or pair[0] != pair[1]:
+        raise ValueError(f"cannot tell the (square) patch size of {type(model).__name__}")
+    return pair[0]

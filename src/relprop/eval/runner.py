@@ -1,0 +1,107 @@
+"""Plumbing shared by the benchmark runs: settings identity, batched loading that reports
+unreadable samples instead of dropping them, and batched model predictions."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import torch
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+S = TypeVar("S")
+T = TypeVar("T")
+
+
+class Explanation(Protocol):
+    relevance: torch.Tensor
+    target: torch.Tensor
+    logits: torch.Tensor
+
+    def upsampled(self, size: tuple[int, int]) -> torch.Tensor: ...
+
+
+class Explainer(Protocol):
+    """The part of ``relprop.Explainer`` the benchmarks use."""
+
+    def explain(self, pixel_values: torch.Tensor, method: str, target: Any = None) -> Explanation: ...
+
+
+@dataclass(frozen=True)
+class Failure:
+    id: str
+    error: str
+
+
+def settings_id(settings: Mapping[str, Any]) -> str:
+    """Short stable hash of the settings that determine a record's value; records made
+    under other settings (model, data, preprocessing, ...) are never mixed in."""
+    blob = json.dumps(settings, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:12]
+
+
+def load_batches(
+    samples: Sequence[S],
+    load: Callable[[S], T],
+    batch_size: int,
+    failures: list[Failure],
+    progress: bool = True,
+    desc: str = "",
+) -> Iterator[tuple[list[S], list[T]]]:
+    """Yield (samples, loaded) batches of up to ``batch_size`` readable samples.
+
+    A sample whose ``load`` raises is logged and appended to ``failures``, never dropped
+    silently; the run continues with the others.
+    """
+    batch: list[S] = []
+    loaded: list[T] = []
+    with tqdm(total=len(samples), desc=desc, unit="img", disable=not progress) as bar:
+        for sample in samples:
+            try:
+                loaded.append(load(sample))
+                batch.append(sample)
+            except Exception as error:  # any decode/read error: report and skip the sample
+                failures.append(Failure(sample.id, f"{type(error).__name__}: {error}"))
+                log.warning("skipping unreadable sample %s: %s", sample.id, failures[-1].error)
+                bar.update(1)
+            if len(batch) == batch_size:
+                yield batch, loaded
+                bar.update(len(batch))
+                batch, loaded = [], []
+        if batch:
+            yield batch, loaded
+            bar.update(len(batch))
+
+
+def logits_function(model: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``x -> logits`` for a Hugging Face model (``model(pixel_values=x).logits``) or a
+    plain module returning logits (timm)."""
+    if "pixel_values" in inspect.signature(model.forward).parameters:
+        return lambda x: model(pixel_values=x).logits
+    return model
+
+
+@torch.no_grad()
+def predict(logits_fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Top-1 classes of a normalised batch, forwarded ``chunk`` images at a time."""
+    return torch.cat([logits_fn(x[i : i + chunk]).argmax(dim=-1) for i in range(0, len(x), chunk)])
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write atomically, so a crash never leaves a half-written summary behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
