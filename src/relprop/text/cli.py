@@ -1,0 +1,82 @@
+"""``relprop explain-text``: explain a text classifier's decision, word by word."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+BUNDLED = "minilm-sst2"
+
+
+def register(subparsers) -> None:
+    from ..methods import method_names
+
+    parser = subparsers.add_parser("explain-text", help="explain a text classification, word by word")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("text", nargs="?", help="the text to explain")
+    source.add_argument("--file", help="a UTF-8 text file to explain (one document)")
+    parser.add_argument("--model", default=BUNDLED,
+                        help=f"local model folder or Hub id (default: {BUNDLED}, the bundled sentiment MiniLM)")
+    parser.add_argument("--method", default="transformer_attribution", choices=method_names())
+    parser.add_argument("--target", help="class index or label to explain (default: the prediction)")
+    parser.add_argument("--aggregate", choices=["max", "sum"], default="max", help="sub-word -> word (default max)")
+    parser.add_argument("--long-text", choices=["truncate", "windows"], default="truncate",
+                        help="text longer than the model's limit: truncate (warns) or overlapping windows")
+    parser.add_argument("--out", help="folder for explanation.html and explanation.json")
+    parser.set_defaults(run=run)
+
+
+def load(model_name: str):
+    if model_name == BUNDLED:
+        from .pretrained import load_sentiment_model
+        return load_sentiment_model()
+    from ..loading import load_text_classifier
+    return load_text_classifier(model_name)
+
+
+def run(args) -> int:
+    import warnings
+
+    from ..cli import _parse_target
+    from ..errors import RelpropError
+    from ..explainer import Explainer
+    from .explain import explain_text
+    from .views import to_ansi, to_html, to_json
+
+    if args.file:
+        try:
+            text = Path(args.file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise RelpropError(f"cannot read {args.file!r}: {error}") from None
+    else:
+        text = args.text
+    if not text.strip():
+        raise RelpropError("the text is empty")
+    model, tokenizer = load(args.model)
+    explainer = Explainer(model)
+    target = _parse_target(args.target, explainer.labels)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        [exp] = explain_text(explainer, tokenizer, text, args.method, target=target, aggregate=args.aggregate,
+                             long_text=args.long_text)
+    for warning in caught:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    print(to_ansi(exp) if sys.stdout.isatty() else _plain(exp))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        _write(out / "explanation.html", to_html([exp]))
+        _write(out / "explanation.json", to_json([exp]))
+        print(f"wrote {out / 'explanation.html'} and {out / 'explanation.json'}")
+    return 0
+
+
+def _plain(exp) -> str:
+    top = sorted(exp.words, key=lambda w: -w.relevance)[:10]
+    ranked = ", ".join(f"{w.text} ({w.relevance:.3g})" for w in top)
+    return f"[{exp.method}] class {exp.label} (p={exp.probabilities[exp.target]:.3f})\ntop words: {ranked}"
+
+
+def _write(path: Path, content: str) -> None:
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(content, encoding="utf-8")
+    tmp.replace(path)
