@@ -19,15 +19,21 @@ class ModelLoadError(RelpropError):
 
 
 def _from_pretrained(factory, name: str, **kwargs):
+    """``factory.from_pretrained`` for a local folder or a Hub id, with errors that say what to do."""
     local = Path(name).expanduser()
+    if local.exists() and not local.is_dir():
+        raise ModelLoadError(f"{name} is a file; pass the model folder (config.json + weights)")
+    # Hub ids are "name" or "org/name"; anything else that does not exist is a mistyped path
+    if not local.exists() and (local.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1):
+        raise ModelLoadError(f"model folder not found: {name}")
     try:
         if local.exists():
-            return factory.from_pretrained(str(local), **kwargs)
+            return factory.from_pretrained(str(local), local_files_only=True, **kwargs)
         return factory.from_pretrained(name, **kwargs)
     except OSError as error:
         where = ("the folder has no loadable model (config.json + weights)" if local.exists() else
                  "it is not a local folder and could not be fetched from the Hugging Face Hub "
-                 "(offline? set HF_HUB_OFFLINE=0 with network access, or pass a local folder)")
+                 "(offline? pass a folder saved with save_pretrained(), or download it first)")
         raise ModelLoadError(f"cannot load {name!r}: {where}. Details: {error}") from None
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..loading import ModelLoadError, load_image_classifier  # noqa: F401  (re-exported)
 from .images import Normalization
 
 log = logging.getLogger(__name__)
@@ -16,30 +17,9 @@ log = logging.getLogger(__name__)
 PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
-class ModelLoadError(RuntimeError):
-    pass
-
-
 def load_model(spec: str, device: str | torch.device = "cpu") -> torch.nn.Module:
     """``AutoModelForImageClassification`` from a local folder or a Hub id, in eval mode."""
-    from transformers import AutoModelForImageClassification
-
-    path = Path(spec)
-    if path.exists() and not path.is_dir():
-        raise ModelLoadError(f"{spec} is a file; pass the model folder (config.json + weights)")
-    # Hub ids are "name" or "org/name"; anything else that does not exist is a mistyped path.
-    if not path.exists() and (path.is_absolute() or spec.startswith((".", "~")) or spec.count("/") > 1):
-        raise ModelLoadError(f"model folder not found: {spec}")
-    try:
-        model = AutoModelForImageClassification.from_pretrained(spec, local_files_only=path.is_dir())
-    except OSError as error:
-        if path.is_dir():
-            raise ModelLoadError(f"could not load a model from folder {spec}: {error}") from error
-        raise ModelLoadError(
-            f"{spec!r} is not a local folder, and fetching it from the Hugging Face Hub failed "
-            f"(offline?). Pass a folder saved with save_pretrained(), or download it first. ({error})"
-        ) from error
-    return model.to(device).eval()
+    return load_image_classifier(spec).to(device)
 
 
 def read_preprocessor_config(spec: str) -> dict[str, Any]:
