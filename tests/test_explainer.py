@@ -92,6 +92,9 @@ def test_works_under_no_grad_and_inference_mode(vit_model, vit_inputs):
         assert torch.equal(explainer.explain(x).relevance, reference)
     with torch.inference_mode():
         assert torch.equal(explainer.explain(x).relevance, reference)
+        inference_tensor = x.clone()                 # created in inference mode
+        for method in ALL_METHODS:
+            assert torch.isfinite(explainer.explain(inference_tensor, method).relevance).all()
 
 
 def test_training_mode_model_is_explained_with_inference_behaviour(bert_folder):
