@@ -86,3 +86,9 @@ def test_rule_sets():
     assert rules.get_rule_set("paper") is rules.PAPER and rules.get_rule_set("plain") is rules.PLAIN
     with pytest.raises(ValueError, match="choose one of"):
         rules.get_rule_set("epsilon")
+
+
+def test_in_place_safe_divide_equals_safe_divide():
+    b = torch.tensor([0.0, -1e-9, 1e-9, -5.0, 3.0], dtype=torch.float64)
+    a = torch.arange(1.0, 6.0, dtype=torch.float64)
+    assert torch.equal(rules._safe_divide_into(a, b.clone()), rules.safe_divide(a, b))

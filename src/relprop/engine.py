@@ -21,26 +21,67 @@ from .rules import RuleSet, clone_rule, matmul_rule, select_rule
 
 @dataclass
 class BlockRecord:
-    """What one block's relevance propagation needs from its forward pass."""
+    """What one block's relevance propagation needs from its forward pass.
 
+    Only tensors that cannot be recomputed cheaply are kept; the others are recomputed
+    with the forward's own operations (bit-identical) when the propagation reaches them.
+    Without relevance (``kept=False``) only the attention is kept.
+    """
+
+    block: Block
     rows: Optional[torch.Tensor]     # query rows computed (None = all)
-    x_in: torch.Tensor
-    attn_in: torch.Tensor
-    q_in: torch.Tensor
-    q: torch.Tensor                  # [B, H, R, dh]
-    k: torch.Tensor                  # [B, H, N, dh]
-    v: torch.Tensor                  # [B, H, N, dh]
-    scores: Optional[torch.Tensor]   # scaled scores before the mask (masked blocks only)
-    mask: Optional[torch.Tensor]     # additive key mask [B, 1, 1, N]
     attention: torch.Tensor          # [B, H, R, N]
-    context: torch.Tensor            # [B, R, D]
-    residual: torch.Tensor           # x_in at the computed rows
-    attn_out: torch.Tensor
-    x_mid: torch.Tensor
-    fc1_in: torch.Tensor
-    hidden: torch.Tensor             # fc2 input
-    mlp_out: torch.Tensor
-    products: dict[str, torch.Tensor]   # bias-free x @ W.T of each linear layer
+    mask: Optional[torch.Tensor] = None     # additive key mask [B, 1, 1, N]
+    x_in: Optional[torch.Tensor] = None
+    q: Optional[torch.Tensor] = None        # [B, H, R, dh]
+    k: Optional[torch.Tensor] = None        # [B, H, N, dh]
+    v: Optional[torch.Tensor] = None        # [B, H, N, dh]
+    context: Optional[torch.Tensor] = None  # [B, R, D]
+    x_mid: Optional[torch.Tensor] = None
+    fc1_out: Optional[torch.Tensor] = None  # before the activation
+    products: Optional[dict[str, torch.Tensor]] = None   # x @ W.T of the output projections
+
+    def _biased(self, name: str) -> torch.Tensor:
+        bias = getattr(self.block, name).bias
+        return self.products[name] if bias is None else self.products[name] + bias
+
+    def product(self, name: str) -> torch.Tensor:
+        """``x @ W.T`` of a linear layer. For the layers whose output autograd keeps anyway
+        (q, k, v, fc1) it is recovered from that output instead of being stored twice."""
+        if name in self.products:
+            return self.products[name]
+        out = {"query": self.q, "key": self.k, "value": self.v}.get(name)
+        out = self.fc1_out if out is None else _merge_heads(out)
+        bias = getattr(self.block, name).bias
+        return out if bias is None else out - bias
+
+    @property
+    def attn_in(self) -> torch.Tensor:
+        return self.block.norm1(self.x_in) if self.block.pre_norm else self.x_in
+
+    @property
+    def residual(self) -> torch.Tensor:
+        return self.x_in if self.rows is None else self.x_in[:, self.rows]
+
+    @property
+    def scores(self) -> torch.Tensor:
+        return (self.q @ self.k.transpose(-1, -2)) * self.q.shape[-1] ** -0.5
+
+    @property
+    def attn_out(self) -> torch.Tensor:
+        return self._biased("out")
+
+    @property
+    def fc1_in(self) -> torch.Tensor:
+        return self.block.norm2(self.x_mid) if self.block.pre_norm else self.x_mid
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        return self.block.activation(self.fc1_out)
+
+    @property
+    def mlp_out(self) -> torch.Tensor:
+        return self._biased("fc2")
 
 
 @dataclass
@@ -66,7 +107,7 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
 
 
 def _block_forward(block: Block, x_in: torch.Tensor, mask: Optional[torch.Tensor],
-                   rows: Optional[torch.Tensor]) -> tuple[torch.Tensor, BlockRecord]:
+                   rows: Optional[torch.Tensor], keep: bool) -> tuple[torch.Tensor, BlockRecord]:
     attn_in = block.norm1(x_in) if block.pre_norm else x_in
     q_in = attn_in if rows is None else attn_in[:, rows]
     products = {}
@@ -75,9 +116,9 @@ def _block_forward(block: Block, x_in: torch.Tensor, mask: Optional[torch.Tensor
         products[name], out = getattr(block, name).with_preactivation(x)
         return out
 
-    q = _split_heads(linear("query", q_in), block.num_heads)
-    k = _split_heads(linear("key", attn_in), block.num_heads)
-    v = _split_heads(linear("value", attn_in), block.num_heads)
+    q = _split_heads(block.query(q_in), block.num_heads)
+    k = _split_heads(block.key(attn_in), block.num_heads)
+    v = _split_heads(block.value(attn_in), block.num_heads)
     scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
     masked_scores = scores + mask if block.masked else scores
     attention = masked_scores.softmax(dim=-1)
@@ -88,15 +129,16 @@ def _block_forward(block: Block, x_in: torch.Tensor, mask: Optional[torch.Tensor
     if not block.pre_norm:
         x_mid = block.norm1(x_mid)
     fc1_in = block.norm2(x_mid) if block.pre_norm else x_mid
-    hidden = block.activation(linear("fc1", fc1_in))
+    fc1_out = block.fc1(fc1_in)
+    hidden = block.activation(fc1_out)
     mlp_out = linear("fc2", hidden)
     x_out = x_mid + mlp_out
     if not block.pre_norm:
         x_out = block.norm2(x_out)
-    record = BlockRecord(rows, x_in, attn_in, q_in, q, k, v, scores if block.masked else None,
-                         mask if block.masked else None, attention, context, residual, attn_out,
-                         x_mid, fc1_in, hidden, mlp_out, products)
-    return x_out, record
+    if not keep:
+        return x_out, BlockRecord(block, rows, attention)
+    return x_out, BlockRecord(block, rows, attention, mask if block.masked else None, x_in, q, k, v, context,
+                              x_mid, fc1_out, products)
 
 
 def _head_forward(arch: Architecture, x: torch.Tensor, pooled_rows: dict[int, int]):
@@ -124,8 +166,8 @@ def key_mask_bias(valid: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def forward(arch: Architecture, hidden: torch.Tensor, valid: torch.Tensor, *,
-            grad_from: Optional[int] = None, all_rows: bool = False) -> ForwardPass:
-    """Run the blocks and the head.
+            grad_from: Optional[int] = None, all_rows: bool = False, keep: bool = True) -> ForwardPass:
+    """Run the blocks and the head; ``keep``: record what relevance propagation needs.
 
     ``grad_from``: index of the first block whose attention needs a gradient; autograd
     tracks the computation from that block's input on.
@@ -141,7 +183,7 @@ def forward(arch: Architecture, hidden: torch.Tensor, valid: torch.Tensor, *,
         rows = None
         if index == last and not all_rows:
             rows = torch.tensor(pooled, device=x.device)
-        x, record = _block_forward(block, x, mask, rows)
+        x, record = _block_forward(block, x, mask, rows, keep)
         records.append(record)
     if arch.final_norm is not None:
         x = arch.final_norm(x)
@@ -194,7 +236,10 @@ def _head_relevance(arch: Architecture, fwd: ForwardPass, rules: RuleSet, one_ho
 
 def propagate(arch: Architecture, fwd: ForwardPass, target: torch.Tensor, rules: RuleSet, *,
               lowest_block: int, to_input: bool = False) -> Relevance:
-    """LRP from a one-hot of 1 at ``target`` down to block ``lowest_block`` (or the input)."""
+    """LRP from a one-hot of 1 at ``target`` down to block ``lowest_block`` (or the input).
+
+    Consumes the records it passes (only their attention is left), to bound memory.
+    """
     one_hot = torch.zeros_like(fwd.logits)
     one_hot.scatter_(1, target[:, None], 1.0)
     result = Relevance()
@@ -202,28 +247,32 @@ def propagate(arch: Architecture, fwd: ForwardPass, target: torch.Tensor, rules:
     for index in range(len(arch.blocks) - 1, lowest_block - 1, -1):
         block, rec = arch.blocks[index], fwd.records[index]
         rel_x_mid, rel_mlp = rules.add(rec.x_mid, rec.mlp_out, relevance)
-        products = rec.products
-        rel_hidden = rules.linear(rec.hidden, block.fc2.weight, rel_mlp, products["fc2"])
-        rel_fc1_in = rules.linear(rec.fc1_in, block.fc1.weight, rel_hidden, products["fc1"])
+        rel_hidden = rules.linear(rec.hidden, block.fc2.weight, rel_mlp, rec.product("fc2"))
+        rel_fc1_in = rules.linear(rec.fc1_in, block.fc1.weight, rel_hidden, rec.product("fc1"))
         rel_x_mid = clone_rule(rec.x_mid, rel_x_mid, rel_fc1_in)
         rel_residual, rel_attn_out = rules.add(rec.residual, rec.attn_out, rel_x_mid)
-        rel_context = rules.linear(rec.context, block.out.weight, rel_attn_out, products["out"])
+        rel_context = rules.linear(rec.context, block.out.weight, rel_attn_out, rec.product("out"))
         rel_attention, rel_v = matmul_rule(rec.attention, rec.v, _split_heads(rel_context, block.num_heads))
         result.attention[index] = rel_attention
+        # the propagation never comes back to this block: keep only its attention
+        fwd.records[index] = BlockRecord(block, rec.rows, rec.attention)
         if index == lowest_block and not to_input:
             break
         rel_scores = rel_attention
         if block.masked:
-            rel_scores, _ = rules.add(rec.scores, rec.mask.expand_as(rec.scores), rel_attention)
+            scores = rec.scores
+            rel_scores, _ = rules.add(scores, rec.mask.expand_as(scores), rel_attention)
         rel_q, rel_k_t = matmul_rule(rec.q, rec.k.transpose(-1, -2), rel_scores)
         num_tokens = rec.x_in.shape[1]
-        rel_q_in = _scatter_rows(rules.linear(rec.q_in, block.query.weight, _merge_heads(rel_q), products["query"]),
+        attn_in = rec.attn_in
+        q_in = attn_in if rec.rows is None else attn_in[:, rec.rows]
+        rel_q_in = _scatter_rows(rules.linear(q_in, block.query.weight, _merge_heads(rel_q), rec.product("query")),
                                  rec.rows, num_tokens)
-        rel_k_in = rules.linear(rec.attn_in, block.key.weight, _merge_heads(rel_k_t.transpose(-1, -2)),
-                                products["key"])
-        rel_v_in = rules.linear(rec.attn_in, block.value.weight, _merge_heads(rel_v), products["value"])
+        rel_k_in = rules.linear(attn_in, block.key.weight, _merge_heads(rel_k_t.transpose(-1, -2)),
+                                rec.product("key"))
+        rel_v_in = rules.linear(attn_in, block.value.weight, _merge_heads(rel_v), rec.product("value"))
         if block.qkv_fork == "clone":
-            rel_attn_in = clone_rule(rec.attn_in, rel_q_in, rel_k_in, rel_v_in)
+            rel_attn_in = clone_rule(attn_in, rel_q_in, rel_k_in, rel_v_in)
         else:
             rel_attn_in = rel_q_in + rel_k_in + rel_v_in
         relevance = clone_rule(rec.x_in, _scatter_rows(rel_residual, rec.rows, num_tokens), rel_attn_in)

@@ -68,7 +68,8 @@ class Explainer:
             prepared = self.adapter.prepare(inputs)
             grad_from = min(needs.gradient_blocks) if needs.gradient_blocks else None
             fwd = engine.forward(self.architecture, prepared.hidden, prepared.valid, grad_from=grad_from,
-                                 all_rows=needs.all_rows or keep_internals)
+                                 all_rows=needs.all_rows or keep_internals,
+                                 keep=needs.relevance_rules is not None)
             logits = fwd.logits.detach()
             _check_finite(logits)
             target_index = _resolve_target(target, logits)

@@ -32,6 +32,15 @@ def safe_divide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out.masked_fill_(b == 0, 0)
 
 
+def _safe_divide_into(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`safe_divide` that reuses ``b``'s memory (``b`` must be a temporary of the caller)."""
+    zero = b == 0
+    b += EPS
+    b.masked_fill_(b == 0, EPS)
+    torch.div(a, b, out=b)
+    return b.masked_fill_(zero, 0)
+
+
 def _per_sample_sum(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).sum(dim=1).reshape((-1,) + (1,) * (x.dim() - 1))
 
@@ -62,10 +71,13 @@ class ZPlusSharedRule(LinearRule):
         denominator = abs_x @ abs_w.T
         denominator += product
         denominator *= 0.5
-        scale = safe_divide(relevance, denominator)
+        scale = _safe_divide_into(relevance, denominator)
         out = scale @ weight
         out *= x
-        out.addcmul_(abs_x, scale @ abs_w)
+        part = scale @ abs_w
+        del scale
+        part *= abs_x
+        out += part
         return out.mul_(0.5)
 
 
