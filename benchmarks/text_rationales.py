@@ -102,7 +102,7 @@ def main() -> None:
     folder = args.eraser
     if folder is None:
         folder = tempfile.mkdtemp(prefix="eraser_movies_")
-        convert_zaidan(Path(args.data) / "movies" / "zaidan_rationales.tar.gz", Path(folder))
+        convert_zaidan(Path(folder), archive=Path(args.data) / "movies" / "zaidan_rationales.tar.gz")
     examples = list(load_eraser(Path(folder), args.split))[:args.limit]
     model, tokenizer = load_sentiment_model()
     explainer = relprop.Explainer(model)
