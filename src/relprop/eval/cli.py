@@ -1,4 +1,9 @@
-"""``relprop eval perturbation|segmentation``: the paper's vision benchmarks from the shell.
+"""``relprop eval perturbation|segmentation|class-specificity``: the paper's vision
+benchmarks, and a class-specificity test on two-item canvases, from the shell.
+
+``--format fashion`` runs on relprop's cluttered Fashion-MNIST canvases (test split, canvas
+seed 0, the bundled model's benchmark canvases): ``--data`` is then the folder of the
+Fashion-MNIST ``*-ubyte.gz`` files and ``--limit N`` takes the first N canvases.
 
 Wire into the top-level parser with ``register(subparsers)``; the ``eval`` parser sets
 ``run=run``, and ``run(args)`` returns the exit status.
@@ -15,7 +20,8 @@ from typing import Any
 
 import torch
 
-from . import datasets, loading
+from . import datasets, fashion, loading
+from .class_specificity import ClassSpecificityConfig, markdown_table, run_class_specificity
 from .images import Normalization
 from .perturbation import MODES, PerturbationConfig, run_perturbation
 from .segmentation import SegmentationConfig, run_segmentation
@@ -56,18 +62,20 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``eval`` with its ``perturbation`` and ``segmentation`` subcommands."""
+    """Add ``eval`` with its ``perturbation``, ``segmentation`` and ``class-specificity``
+    subcommands."""
     parser = subparsers.add_parser(
         "eval", help="run the paper's perturbation and segmentation benchmarks",
         description="Benchmarks of Chefer et al. (CVPR 2021), defined as in the authors' scripts.")
-    sub = parser.add_subparsers(dest="eval_command", required=True, metavar="{perturbation,segmentation}")
+    sub = parser.add_subparsers(dest="eval_command", required=True, metavar="{perturbation,segmentation,class-specificity}")
 
     pert = sub.add_parser("perturbation", help="positive/negative perturbation test (AUC of top-1 accuracy)",
                           description="Remove 10%..90% of the most (positive) or least (negative) relevant "
                                       "pixels and record top-1 accuracy against the true label.")
     _add_common(pert)
-    pert.add_argument("--format", choices=["imagefolder"], default="imagefolder",
-                      help="DATA/<class_dir>/<image> (ImageNet layout)")
+    pert.add_argument("--format", choices=["imagefolder", "fashion"], default="imagefolder",
+                      help="imagefolder: DATA/<class_dir>/<image> (ImageNet layout); fashion: cluttered "
+                           "Fashion-MNIST test canvases, DATA = the Fashion-MNIST folder")
     pert.add_argument("--labels", help="class index of each folder: a .json {folder: index}, a .txt with one "
                                        "folder name per line (index = line), or 'model' for the model's "
                                        "label2id (default: position among the sorted folder names)")
@@ -85,9 +93,18 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     seg = sub.add_parser("segmentation", help="ImageNet-segmentation test (pixel accuracy, mIoU, mAP)",
                          description="Threshold each map at its mean and compare with the object mask.")
     _add_common(seg)
-    seg.add_argument("--format", choices=["mat", "masks"],
+    seg.add_argument("--format", choices=["mat", "masks", "fashion"],
                      help="mat: gtsegs_ijcv.mat; masks: DATA/images/NAME.ext + DATA/masks/NAME.png, "
-                          "mask > 0 = foreground (default: mat for a file, masks for a folder)")
+                          "mask > 0 = foreground; fashion: Fashion-MNIST test canvases with the item "
+                          "mask, DATA = the Fashion-MNIST folder (default: mat for a file, masks for a folder)")
+
+    spec = sub.add_parser("class-specificity", help="two-item canvases: is each class's map on its own item?",
+                          description="Explain both classes of two-item Fashion-MNIST canvases; report the "
+                                      "share of positive relevance on the explained item, how often it gets "
+                                      "more than the other item, and the class sensitivity of the maps.")
+    _add_common(spec)
+    spec.add_argument("--format", choices=["fashion"], default="fashion",
+                      help="fashion: pair canvases of the Fashion-MNIST test split, DATA = the Fashion-MNIST folder")
     parser.set_defaults(run=run)
     return parser
 
@@ -134,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    prepare = _prepare_perturbation if args.eval_command == "perturbation" else _prepare_segmentation
+    prepare = {"perturbation": _prepare_perturbation, "segmentation": _prepare_segmentation,
+               "class-specificity": _prepare_class_specificity}[args.eval_command]
     try:  # setup problems (paths, offline model, labels) are user errors: one clear line
         model = loading.load_model(args.model, device)
         size, norm = _preprocessing(args, model)
@@ -150,10 +168,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fashion_identity(args: argparse.Namespace) -> dict[str, Any]:
+    return {**_identity(args), **fashion.canvas_identity(root=args.data)}
+
+
 def _prepare_perturbation(args, model, size, norm) -> Callable[[Any], dict[str, Any]]:
-    label_map = _label_map(args.labels, model)
-    samples = datasets.image_folder(args.data, label_map)[: args.limit]
-    if label_map is None:
+    if args.format == "fashion":
+        if args.labels is not None:
+            raise CliError("--labels does not apply to --format fashion (labels are the Fashion-MNIST classes)")
+        label_map, samples = None, fashion.canvas_images(args.limit, root=args.data)
+    else:
+        label_map = _label_map(args.labels, model)
+        samples = datasets.image_folder(args.data, label_map)[: args.limit]
+    if label_map is None and args.format != "fashion":
         n_classes = len({s.label for s in samples})
         if n_classes != model.config.num_labels:
             log.warning("%d class folders but the model has %d classes: indices from sorted folder names "
@@ -162,7 +189,8 @@ def _prepare_perturbation(args, model, size, norm) -> Callable[[Any], dict[str, 
         image_size=size, normalization=norm, modes=MODES if args.mode == "both" else (args.mode,),
         target=args.target, rank=args.rank, replace=args.replace,
         patch_size=loading.patch_size(model) if args.rank == "patch" else None)
-    identity = {**_identity(args), "labels": args.labels or "sorted-folders"}
+    identity = ({**_fashion_identity(args), "labels": "fashion-mnist"} if args.format == "fashion"
+                else {**_identity(args), "labels": args.labels or "sorted-folders"})
 
     def job(explainer: Any) -> dict[str, Any]:
         summary = run_perturbation(model, explainer, samples, args.methods, args.out, config, identity,
@@ -178,10 +206,12 @@ def _prepare_perturbation(args, model, size, norm) -> Callable[[Any], dict[str, 
 
 def _prepare_segmentation(args, model, size, norm) -> Callable[[Any], dict[str, Any]]:
     fmt = args.format or ("masks" if Path(args.data).is_dir() else "mat")
-    samples = datasets.mask_folder(args.data) if fmt == "masks" else datasets.mat_segmentation(args.data)
-    samples = samples[: args.limit]
+    if fmt == "fashion":
+        samples, identity = fashion.canvas_segmentation(args.limit, root=args.data), _fashion_identity(args)
+    else:
+        samples = datasets.mask_folder(args.data) if fmt == "masks" else datasets.mat_segmentation(args.data)
+        samples, identity = samples[: args.limit], _identity(args)
     config = SegmentationConfig(size, norm)
-    identity = _identity(args)
 
     def job(explainer: Any) -> dict[str, Any]:
         summary = run_segmentation(model, explainer, samples, args.methods, args.out, config, identity,
@@ -191,6 +221,20 @@ def _prepare_segmentation(args, model, size, norm) -> Callable[[Any], dict[str, 
             cells = [r["pixel_accuracy"], r["mIoU"], r["mAP"]]
             print(f"{method:<26}" + "".join(f"{'-' if c is None else f'{100 * c:.2f}':>{w}}"
                                            for c, w in zip(cells, (14, 10, 10))))
+        return summary
+
+    return job
+
+
+def _prepare_class_specificity(args, model, size, norm) -> Callable[[Any], dict[str, Any]]:
+    samples = fashion.pair_samples(args.limit, root=args.data)
+    config = ClassSpecificityConfig(size, norm)
+    identity = {**_fashion_identity(args), "data": "fashion_pairs"}
+
+    def job(explainer: Any) -> dict[str, Any]:
+        summary = run_class_specificity(model, explainer, samples, args.methods, args.out, config, identity,
+                                        args.batch_size, not args.no_progress)
+        print(markdown_table(summary))
         return summary
 
     return job
