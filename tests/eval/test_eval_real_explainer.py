@@ -33,3 +33,15 @@ def test_all_methods_through_relprop_cli(tiny_vit, image_folder, tmp_path, capsy
     summary = json.loads((tmp_path / "s" / "segmentation_summary.json").read_text())
     assert set(summary["results"]) == set(relprop.methods())
     assert all(r["n"] == 2 for r in summary["results"].values())
+
+
+def test_start_layer_option_reaches_the_methods(tiny_vit):
+    import torch
+    from relprop.eval.cli import make_explainer
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    plain = make_explainer(tiny_vit, ["transformer_attribution"])
+    authors = make_explainer(tiny_vit, ["transformer_attribution"], start_layer=1)
+    for method in ("transformer_attribution", "rollout"):
+        expected = relprop.Explainer(tiny_vit).explain(x, method, start_layer=1).relevance
+        assert torch.equal(authors.explain(x, method).relevance, expected)
+        assert not torch.equal(plain.explain(x, method).relevance, expected)

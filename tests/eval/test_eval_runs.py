@@ -177,7 +177,7 @@ def test_cli_runs_both_benchmarks(tiny_vit, image_folder, tmp_path, monkeypatch,
     tiny_vit.save_pretrained(model_dir)
     (model_dir / "preprocessor_config.json").write_text(json.dumps(
         {"image_mean": [0.4, 0.4, 0.4], "image_std": [0.2, 0.2, 0.2], "size": {"height": 32, "width": 32}}))
-    monkeypatch.setattr(cli, "make_explainer", lambda model, methods: FakeExplainer(model))
+    monkeypatch.setattr(cli, "make_explainer", lambda model, methods, start_layer=None: FakeExplainer(model))
     parser = argparse.ArgumentParser(prog="relprop")
     cli.register(parser.add_subparsers(dest="command"))
     common = ["--model", str(model_dir), "--methods", "bright", "lrp", "--device", "cpu", "--no-progress"]

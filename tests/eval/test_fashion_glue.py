@@ -120,7 +120,7 @@ def test_cli_fashion_format_and_class_specificity(tiny_vit, fmnist_root, tmp_pat
     model_dir = tmp_path / "model"
     tiny_vit.save_pretrained(model_dir)
     (model_dir / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.5] * 3}))
-    monkeypatch.setattr(cli, "make_explainer", lambda model, methods: FakeExplainer(model))
+    monkeypatch.setattr(cli, "make_explainer", lambda model, methods, start_layer=None: FakeExplainer(model))
     parser = argparse.ArgumentParser(prog="relprop")
     cli.register(parser.add_subparsers(dest="command"))
     common = ["--model", str(model_dir), "--data", str(fmnist_root), "--methods", "bright", "lrp",

@@ -59,6 +59,9 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--std", type=float, nargs=3, help="normalisation std (default: the model's processor)")
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--start-layer", type=int,
+                        help="start_layer of transformer_attribution and rollout (default: relprop's, 0 for "
+                             "vision; the authors' ViT benchmark scripts used 1)")
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -109,14 +112,18 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def make_explainer(model: torch.nn.Module, methods: list[str]) -> Any:
+def make_explainer(model: torch.nn.Module, methods: list[str], start_layer: int | None = None) -> Any:
     """``relprop.Explainer`` for the model, after checking the method names."""
     import relprop
 
     unknown = sorted(set(methods) - set(relprop.methods()))
     if unknown:
         raise CliError(f"unknown methods {unknown}; available: {sorted(relprop.methods())}")
-    return relprop.Explainer(model)
+    explainer = relprop.Explainer(model)
+    if start_layer is None:
+        return explainer
+    return fashion.MethodOptions(explainer, {m: {"start_layer": start_layer}
+                                             for m in ("transformer_attribution", "rollout")})
 
 
 def _preprocessing(args: argparse.Namespace, model: torch.nn.Module) -> tuple[tuple[int, int], Normalization]:
@@ -142,8 +149,11 @@ def _label_map(spec: str | None, model: torch.nn.Module) -> dict[str, int] | Non
 
 def _identity(args: argparse.Namespace) -> dict[str, Any]:
     model = Path(args.model)
-    return {"model": str(model.resolve()) if model.is_dir() else args.model,
-            "data": str(Path(args.data).resolve())}
+    identity = {"model": str(model.resolve()) if model.is_dir() else args.model,
+                "data": str(Path(args.data).resolve())}
+    if getattr(args, "start_layer", None) is not None:
+        identity["start_layer"] = args.start_layer
+    return identity
 
 
 def run(args: argparse.Namespace) -> int:
@@ -156,7 +166,7 @@ def run(args: argparse.Namespace) -> int:
     try:  # setup problems (paths, offline model, labels) are user errors: one clear line
         model = loading.load_model(args.model, device)
         size, norm = _preprocessing(args, model)
-        explainer = make_explainer(model, args.methods)
+        explainer = make_explainer(model, args.methods, args.start_layer)
         job = prepare(args, model, size, norm)
     except (CliError, loading.ModelLoadError, OSError, ValueError) as error:
         print(f"relprop eval: error: {error}", file=sys.stderr)
