@@ -1,7 +1,6 @@
 """Explainer behaviour on the user's model: batching, leaving the model alone, errors."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-import torch
 
 from .errors import RelpropError
 

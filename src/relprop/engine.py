@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .architecture import Architecture, Block, HeadBranch
+from .architecture import Architecture, Block
 from .rules import RuleSet, clone_rule, matmul_rule, select_rule
 
 

@@ -8,7 +8,7 @@ from transformers.activations import ACT2FN
 
 from ..architecture import Architecture, Block, HeadBranch
 from ..errors import InputError, UnsupportedModelError
-from .base import Adapter, Prepared, get_path, labels_of
+from .base import Adapter, Prepared, labels_of
 
 
 class TextAdapter(Adapter):

@@ -38,7 +38,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from .images import Normalization, mask_to_tensor, to_unit_tensor
-from .runner import Explainer, Failure, load_batches, model_device, settings_id, write_json
+from .runner import Explainer, Failure, load_batches, model_device, pending_samples, start_run, write_json
 from .store import ResultStore
 
 log = logging.getLogger(__name__)
@@ -108,17 +108,12 @@ def run_class_specificity(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume) the class-specificity test; writes summary JSON, table and plot."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    settings = {**(identity or {}), **config.settings()}
-    cfg = settings_id(settings)
+    out_dir, settings, cfg = start_run(out_dir, identity, config)
     device = model_device(model)
     failures: list[Failure] = []
 
     with ResultStore(out_dir / RESULTS_FILE, ("cfg", "method", "id")) as store:
-        pending = [s for s in samples if any((cfg, m, s.id) not in store for m in methods)]
-        if len(pending) < len(samples):
-            log.info("resuming: %d of %d pairs already done", len(samples) - len(pending), len(samples))
+        pending = pending_samples(samples, lambda s: all((cfg, m, s.id) in store for m in methods), "pairs")
         for batch, loaded in load_batches(pending, lambda s: _load(s, config), batch_size, failures,
                                           progress, desc="class specificity"):
             images = torch.stack([item[0] for item in loaded]).to(device)

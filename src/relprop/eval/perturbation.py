@@ -25,7 +25,7 @@ from .images import Normalization, blurred, to_unit_tensor
 from .metrics import PERTURBATION_FRACTIONS, perturbation_auc
 from .report import plot_perturbation
 from .runner import (Explainer, Explanation, Failure, load_batches, logits_function, model_device,
-                     predict, settings_id, write_json)
+                     pending_samples, predict, start_run, write_json)
 from .store import ResultStore
 
 log = logging.getLogger(__name__)
@@ -206,10 +206,7 @@ def run_perturbation(
     map); records made under other settings in the same ``out_dir`` are left alone.
     Returns the summary.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    settings = {**(identity or {}), **config.settings()}
-    cfg = settings_id(settings)
+    out_dir, settings, cfg = start_run(out_dir, identity, config)
     logits_fn = logits_function(model)
     device = model_device(model)
     failures: list[Failure] = []
@@ -218,9 +215,7 @@ def run_perturbation(
         def todo(sample: LabelledImage, method: str) -> list[str]:
             return [m for m in config.modes if (cfg, method, m, sample.id) not in store]
 
-        pending = [s for s in samples if any(todo(s, m) for m in methods)]
-        if len(pending) < len(samples):
-            log.info("resuming: %d of %d samples already done", len(samples) - len(pending), len(samples))
+        pending = pending_samples(samples, lambda s: not any(todo(s, m) for m in methods))
         for chunk, loaded in load_batches(pending, lambda s: _load(s, config), batch_size, failures,
                                           progress, desc="perturbation"):
             images = torch.stack([image for image, _ in loaded]).to(device)

@@ -49,6 +49,22 @@ def settings_id(settings: Mapping[str, Any]) -> str:
     return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:12]
 
 
+def start_run(out_dir: str | Path, identity: Mapping[str, Any] | None, config: Any) -> tuple[Path, dict, str]:
+    """Create the output folder; the run's settings (identity + config) and their id."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {**(identity or {}), **config.settings()}
+    return out_dir, settings, settings_id(settings)
+
+
+def pending_samples(samples: Sequence[Any], is_done: Callable[[Any], bool], what: str = "samples") -> list[Any]:
+    """The samples still to do (a rerun resumes where the last one stopped)."""
+    pending = [s for s in samples if not is_done(s)]
+    if len(pending) < len(samples):
+        log.info("resuming: %d of %d %s already done", len(samples) - len(pending), len(samples), what)
+    return pending
+
+
 def load_batches(
     samples: Sequence[S],
     load: Callable[[S], T],

@@ -22,7 +22,7 @@ from .datasets import SegmentationSample
 from .images import Normalization, mask_to_tensor, to_unit_tensor
 from .metrics import (intersection_union, iou_per_class, mean_iou, pixel_accuracy, pixel_counts,
                       segmentation_ap)
-from .runner import Explainer, Failure, load_batches, model_device, settings_id, write_json
+from .runner import Explainer, Failure, load_batches, model_device, pending_samples, start_run, write_json
 from .store import ResultStore
 
 log = logging.getLogger(__name__)
@@ -78,17 +78,12 @@ def run_segmentation(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume) the segmentation test and write the summary JSON; returns it."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    settings = {**(identity or {}), **config.settings()}
-    cfg = settings_id(settings)
+    out_dir, settings, cfg = start_run(out_dir, identity, config)
     device = model_device(model)
     failures: list[Failure] = []
 
     with ResultStore(out_dir / RESULTS_FILE, ("cfg", "method", "id")) as store:
-        pending = [s for s in samples if any((cfg, m, s.id) not in store for m in methods)]
-        if len(pending) < len(samples):
-            log.info("resuming: %d of %d samples already done", len(samples) - len(pending), len(samples))
+        pending = pending_samples(samples, lambda s: all((cfg, m, s.id) in store for m in methods))
         for batch, loaded in load_batches(pending, lambda s: _load(s, config), batch_size, failures,
                                           progress, desc="segmentation"):
             images = torch.stack([image for image, _ in loaded]).to(device)
