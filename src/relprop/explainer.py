@@ -62,14 +62,13 @@ class Explainer:
         options = resolve_options(chosen, options, self.adapter.method_defaults.get(method, {}))
         num_blocks = len(self.architecture.blocks)
         needs = chosen.requirements(num_blocks, **options)
-        if needs.relevance_rules is not None:
-            get_rule_set(needs.relevance_rules)
+        rules = None if needs.relevance_rules is None else get_rule_set(needs.relevance_rules)
         with torch.inference_mode(False), torch.enable_grad():
             prepared = self.adapter.prepare(inputs)
             grad_from = min(needs.gradient_blocks) if needs.gradient_blocks else None
             fwd = engine.forward(self.architecture, prepared.hidden, prepared.valid, grad_from=grad_from,
                                  all_rows=needs.all_rows or keep_internals,
-                                 keep=needs.relevance_rules is not None)
+                                 keep=rules is not None)
             logits = fwd.logits.detach()
             _check_finite(logits)
             target_index = _resolve_target(target, logits)
@@ -78,16 +77,15 @@ class Explainer:
                 grads = engine.attention_gradients(fwd, target_index, sorted(needs.gradient_blocks))
         with torch.no_grad():
             relevance = engine.Relevance()
-            if needs.relevance_rules is not None:
-                relevance = engine.propagate(self.architecture, fwd, target_index, get_rule_set(needs.relevance_rules),
+            if rules is not None:
+                relevance = engine.propagate(self.architecture, fwd, target_index, rules,
                                              lowest_block=needs.relevance_lowest, to_input=needs.input_relevance)
             trace = Trace(attention=[r.attention.detach() for r in fwd.records], attention_grad=grads,
                           attention_relevance=relevance.attention,
                           rows=[None if r.rows is None else r.rows.tolist() for r in fwd.records],
                           valid=prepared.valid, content=prepared.content, token=self.architecture.head[0].token)
             if needs.input_relevance:
-                trace.input_relevance = self.adapter.input_relevance(prepared, relevance.encoder_input,
-                                                                     get_rule_set(needs.relevance_rules))
+                trace.input_relevance = self.adapter.input_relevance(prepared, relevance.encoder_input, rules)
             scores = chosen(trace, **options)
             if not chosen.input_level:
                 scores = scores[:, prepared.content]
