@@ -21,7 +21,11 @@ class TextAdapter(Adapter):
         "transformer_attribution": {"start_layer": -1, "row_normalize": True},
     }
     base_name: str = ""
-    uses_token_types: bool = True
+    model_classes: tuple[str, ...] = ()
+
+    @classmethod
+    def matches(cls, model):
+        return type(model).__name__ in cls.model_classes
 
     def __init__(self, model, dtype):
         super().__init__(model, dtype)
@@ -132,10 +136,7 @@ def _head_linear(adapter: Adapter, module, what: str):
 class BertAdapter(TextAdapter):
     family = "Hugging Face BERT"
     base_name = "bert"
-
-    @classmethod
-    def matches(cls, model):
-        return type(model).__name__ == "BertForSequenceClassification"
+    model_classes = ("BertForSequenceClassification",)
 
     def _head(self, model):
         pooler = model.bert.pooler
@@ -148,10 +149,7 @@ class BertAdapter(TextAdapter):
 class RobertaAdapter(TextAdapter):
     family = "Hugging Face RoBERTa"
     base_name = "roberta"
-
-    @classmethod
-    def matches(cls, model):
-        return type(model).__name__ in ("RobertaForSequenceClassification", "XLMRobertaForSequenceClassification")
+    model_classes = ("RobertaForSequenceClassification", "XLMRobertaForSequenceClassification")
 
     def _head(self, model):
         head = model.classifier
@@ -167,10 +165,7 @@ class RobertaAdapter(TextAdapter):
 class DistilBertAdapter(TextAdapter):
     family = "Hugging Face DistilBERT"
     base_name = "distilbert"
-
-    @classmethod
-    def matches(cls, model):
-        return type(model).__name__ == "DistilBertForSequenceClassification"
+    model_classes = ("DistilBertForSequenceClassification",)
 
     def _blocks(self, base, config):
         activation = ACT2FN[config.activation]
