@@ -15,6 +15,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 GOLDEN = Path(__file__).parent / "data" / "golden"
 
 
+def _fashion_mnist_installed() -> bool:
+    from relprop.datasets import load_split
+
+    try:
+        load_split("test")
+    except FileNotFoundError:
+        return False
+    return True
+
+
+# ./run and CI install the data, so these run there; elsewhere the reason says how to get it.
+needs_real_data = pytest.mark.skipif(
+    not _fashion_mnist_installed(),
+    reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist, or set $RELPROP_FASHION_MNIST)",
+)
+
+
 def golden_file(name: str) -> dict[str, torch.Tensor]:
     return load_file(str(GOLDEN / name))
 

@@ -97,14 +97,14 @@ class CanvasConfig:
     """Geometry and clutter strength of the canvases; ranges are inclusive."""
 
     size: int = 64
-    item_size: tuple[int, int] = (28, 44)       # side of the resized 28x28 main item
-    pair_item_size: tuple[int, int] = (28, 32)  # per item on pair canvases; <= size // 2
+    item_size: tuple[int, int] = (32, 44)       # side of the resized 28x28 main item
+    pair_item_size: tuple[int, int] = (32, 32)  # per item on pair canvases; <= size // 2
     item_intensity: tuple[float, float] = (0.8, 1.0)
-    n_fragments: tuple[int, int] = (3, 6)
+    n_fragments: tuple[int, int] = (2, 5)
     fragment_crop: tuple[int, int] = (10, 18)    # side of the crop taken from a 28x28 item
     fragment_scale: tuple[float, float] = (0.8, 1.5)
-    fragment_intensity: tuple[float, float] = (0.15, 0.45)
-    noise_std: float = 12.0                      # Gaussian noise over the whole canvas, in u8 units
+    fragment_intensity: tuple[float, float] = (0.1, 0.3)
+    noise_std: float = 10.0                      # Gaussian noise over the whole canvas, in u8 units
     mask_threshold: int = 20                     # resized item pixels above this form the mask
 
     def __post_init__(self) -> None:
