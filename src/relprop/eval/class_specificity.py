@@ -25,7 +25,6 @@ there), ``class_specificity_summary.json``, ``class_specificity.md`` and ``.png`
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,10 +37,10 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from .images import Normalization, mask_to_tensor, to_unit_tensor
-from .runner import Explainer, Failure, load_batches, model_device, pending_samples, start_run, write_json
+from .runner import (Explainer, Failure, load_batches, model_device, pending_samples, report_non_finite, start_run,
+                     write_summary)
 from .store import ResultStore
 
-log = logging.getLogger(__name__)
 
 RESULTS_FILE = "class_specificity.jsonl"
 SUMMARY_FILE = "class_specificity_summary.json"
@@ -133,8 +132,7 @@ def run_class_specificity(
                 records = []
                 for j, i in enumerate(rows):
                     if not (torch.isfinite(maps_a[j]).all() and torch.isfinite(maps_b[j]).all()):
-                        failures.append(Failure(batch[i].id, f"{method}: non-finite relevance map"))
-                        log.warning("skipping %s for %s: non-finite relevance map", batch[i].id, method)
+                        report_non_finite(failures, batch[i].id, method)
                         continue
                     _, mask_a, mask_b, label_a, label_b = loaded[i]
                     records.append({
@@ -145,9 +143,7 @@ def run_class_specificity(
                 store.add(records)
         summary = summarise_class_specificity(store.records, [s.id for s in samples], methods, cfg)
 
-    summary.update(settings=settings, settings_id=cfg, samples=len(samples),
-                   failed=[{"id": f.id, "error": f.error} for f in failures])
-    write_json(out_dir / SUMMARY_FILE, summary)
+    write_summary(out_dir / SUMMARY_FILE, summary, settings, cfg, len(samples), failures)
     (out_dir / TABLE_FILE).write_text(markdown_table(summary) + "\n", encoding="utf-8")
     plot_class_specificity(summary, out_dir / PLOT_FILE)
     return summary

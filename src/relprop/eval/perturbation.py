@@ -10,7 +10,6 @@ the clean accuracy and is summarised by its AUC.
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,10 +24,9 @@ from .images import Normalization, blurred, to_unit_tensor
 from .metrics import PERTURBATION_FRACTIONS, perturbation_auc
 from .report import plot_perturbation
 from .runner import (Explainer, Explanation, Failure, load_batches, logits_function, model_device,
-                     pending_samples, predict, start_run, write_json)
+                     pending_samples, predict, report_non_finite, start_run, write_summary)
 from .store import ResultStore
 
-log = logging.getLogger(__name__)
 
 MODES = ("positive", "negative")
 RESULTS_FILE = "perturbation.jsonl"
@@ -166,8 +164,7 @@ def _method_records(explainer: Explainer, logits_fn, method: str, batch: _Batch,
     explained = res.target.tolist()
     finite = torch.isfinite(scores.flatten(1)).all(dim=1).tolist()
     for j in (j for j, ok in enumerate(finite) if not ok):
-        failures.append(Failure(batch.samples[rows[j]].id, f"{method}: non-finite relevance map"))
-        log.warning("skipping %s for %s: non-finite relevance map", batch.samples[rows[j]].id, method)
+        report_non_finite(failures, batch.samples[rows[j]].id, method)
     records = []
     for mode in config.modes:
         sel = [j for j, i in enumerate(rows) if mode in needs[i] and finite[j]]
@@ -231,9 +228,7 @@ def run_perturbation(
                                           forward_batch_size, failures))
         summary = summarise_perturbation(store.records, [s.id for s in samples], methods, config, cfg)
 
-    summary.update(settings=settings, settings_id=cfg, samples=len(samples),
-                   failed=[{"id": f.id, "error": f.error} for f in failures])
-    write_json(out_dir / SUMMARY_FILE, summary)
+    write_summary(out_dir / SUMMARY_FILE, summary, settings, cfg, len(samples), failures)
     plot_perturbation(summary, out_dir / PLOT_FILE)
     return summary
 

@@ -116,6 +116,21 @@ def model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def report_non_finite(failures: list[Failure], sample_id: str, method: str) -> None:
+    """Record a sample whose relevance map is NaN/inf: it is skipped and listed, never scored."""
+    failures.append(Failure(sample_id, f"{method}: non-finite relevance map"))
+    log.warning("skipping %s for %s: non-finite relevance map", sample_id, method)
+
+
+def write_summary(path: Path, summary: dict[str, Any], settings: Mapping[str, Any], cfg: str, n_samples: int,
+                  failures: Sequence[Failure]) -> dict[str, Any]:
+    """Add the run's settings and failures to ``summary`` and write it atomically; returns it."""
+    summary.update(settings=settings, settings_id=cfg, samples=n_samples,
+                   failed=[{"id": f.id, "error": f.error} for f in failures])
+    write_json(path, summary)
+    return summary
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write atomically, so a crash never leaves a half-written summary behind."""
     tmp = path.with_name(path.name + ".tmp")

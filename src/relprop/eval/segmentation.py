@@ -9,7 +9,6 @@ continuous map and averaged (mAP).
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,10 +21,10 @@ from .datasets import SegmentationSample
 from .images import Normalization, mask_to_tensor, to_unit_tensor
 from .metrics import (intersection_union, iou_per_class, mean_iou, pixel_accuracy, pixel_counts,
                       segmentation_ap)
-from .runner import Explainer, Failure, load_batches, model_device, pending_samples, start_run, write_json
+from .runner import (Explainer, Failure, load_batches, model_device, pending_samples, report_non_finite, start_run,
+                     write_summary)
 from .store import ResultStore
 
-log = logging.getLogger(__name__)
 
 RESULTS_FILE = "segmentation.jsonl"
 SUMMARY_FILE = "segmentation_summary.json"
@@ -96,17 +95,14 @@ def run_segmentation(
                 records = []
                 for j, i in enumerate(rows):
                     if not torch.isfinite(maps[j]).all():
-                        failures.append(Failure(batch[i].id, f"{method}: non-finite relevance map"))
-                        log.warning("skipping %s for %s: non-finite relevance map", batch[i].id, method)
+                        report_non_finite(failures, batch[i].id, method)
                         continue
                     records.append({"cfg": cfg, "method": method, "id": batch[i].id,
                                     **image_scores(maps[j], loaded[i][1])})
                 store.add(records)
         summary = summarise_segmentation(store.records, [s.id for s in samples], methods, cfg)
 
-    summary.update(settings=settings, settings_id=cfg, samples=len(samples),
-                   failed=[{"id": f.id, "error": f.error} for f in failures])
-    write_json(out_dir / SUMMARY_FILE, summary)
+    write_summary(out_dir / SUMMARY_FILE, summary, settings, cfg, len(samples), failures)
     return summary
 
 
