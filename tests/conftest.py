@@ -1,10 +1,13 @@
 """Shared fixtures: the golden models (authors' reference numbers) and small stock models."""
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
+import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -13,6 +16,27 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` as a gzipped idx (uint8) file, the Fashion-MNIST distribution format."""
+    header = b"\x00\x00\x08" + bytes([array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_fake_fashion_mnist(root: Path, labels: np.ndarray, min_half: int, half_steps: int,
+                             min_intensity: int) -> Path:
+    """A Fashion-MNIST folder (train and t10k alike) of bright 28x28 blobs of varied size."""
+    rng = np.random.default_rng(0)
+    for prefix in ("train", "t10k"):
+        images = np.zeros((len(labels), 28, 28), np.uint8)
+        for i in range(len(labels)):
+            half = min_half + i % half_steps
+            images[i, 14 - half:14 + half, 14 - half // 2:14 + half // 2] = rng.integers(min_intensity, 256)
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return root
 
 
 def _fashion_mnist_installed() -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -19,8 +20,6 @@ TRAINING_LOG = json.loads((FASHION_MODEL / "training_log.json").read_text())
 def test_bundled_model_log_matches_the_library_canvases() -> None:
     # The benchmark regenerates canvases from CanvasConfig(); a model trained on other
     # canvases would be benchmarked off its training distribution.
-    import dataclasses
-
     assert TRAINING_LOG["canvas_config"] == json.loads(json.dumps(dataclasses.asdict(CanvasConfig())))
     # Regression guard for the committed weights (measured 84.05% on all 10,000 test canvases).
     assert TRAINING_LOG["final_test_acc"] >= 0.84

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 import struct
 from pathlib import Path
 
@@ -20,28 +19,13 @@ from relprop.datasets import (
     read_idx,
 )
 from relprop.datasets.fashion_canvas import resolve_root
-from tests.conftest import needs_real_data
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = b"\x00\x00\x08" + bytes([array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
+from tests.conftest import needs_real_data, write_fake_fashion_mnist, write_idx
 
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fake Fashion-MNIST folder: 40 items per split, one class per 4 items, blobs of varied size."""
-    root = tmp_path_factory.mktemp("fmnist")
-    rng = np.random.default_rng(0)
-    for prefix in ("train", "t10k"):
-        images = np.zeros((40, 28, 28), np.uint8)
-        for i in range(40):
-            half = 4 + i % 9
-            images[i, 14 - half:14 + half, 14 - half // 2:14 + half // 2] = rng.integers(80, 256)
-        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(40) // 4)
-    return root
+    return write_fake_fashion_mnist(tmp_path_factory.mktemp("fmnist"), np.arange(40) // 4, 4, 9, 80)
 
 
 def test_read_idx_roundtrip(tmp_path: Path) -> None:

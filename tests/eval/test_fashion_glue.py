@@ -4,14 +4,11 @@
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from relprop.datasets import CanvasConfig, make_canvas, make_pair_canvas
 from relprop.eval import cli, fashion
@@ -19,30 +16,16 @@ from relprop.eval.perturbation import PerturbationConfig, run_perturbation
 from relprop.eval.segmentation import SegmentationConfig, run_segmentation
 
 from eval_fakes import IMAGE_SIZE, FakeExplainer
+from tests.conftest import write_fake_fashion_mnist
 
 SIZE = (IMAGE_SIZE, IMAGE_SIZE)
 SMALL = CanvasConfig(size=IMAGE_SIZE, item_size=(14, 24), pair_item_size=(10, 16), fragment_crop=(8, 12))
 
 
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = b"\x00\x00\x08" + bytes([array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
 @pytest.fixture(scope="module")
 def fmnist_root(tmp_path_factory) -> Path:
     """12 items per split, classes 0, 1, 2 (as the tiny ViT's), bright blobs of varied size."""
-    root = tmp_path_factory.mktemp("fmnist")
-    rng = np.random.default_rng(0)
-    for prefix in ("train", "t10k"):
-        images = np.zeros((12, 28, 28), np.uint8)
-        for i in range(12):
-            half = 5 + i % 7
-            images[i, 14 - half:14 + half, 14 - half // 2:14 + half // 2] = rng.integers(120, 256)
-        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(12) % 3)
-    return root
+    return write_fake_fashion_mnist(tmp_path_factory.mktemp("fmnist"), np.arange(12) % 3, 5, 7, 120)
 
 
 def test_samples_are_the_canvases(fmnist_root):
