@@ -4,10 +4,15 @@ Each epoch draws fresh canvases of all train items (new positions, scales and cl
 a per-epoch canvas seed), so the canvas generator doubles as data augmentation. The test
 metric is top-1 accuracy on the canonical benchmark canvases: split "test", seed 0.
 
+Two choices make a from-scratch ViT learn fast enough on a CPU budget, and neither changes the
+architecture (the result is a plain `ViTForImageClassification`): a fixed 2-D sine-cosine
+position table, and mimetic attention initialisation (query-key products start near +I,
+value-output products near -I), which gives attention a local, convolution-like start.
+
     OMP_WAIT_POLICY=PASSIVE python scripts/train_fmnist_vit.py
 
-needs `apt-get install dataset-fashion-mnist` (or --data-root); about 45 minutes on two CPU
-threads (--threads).
+needs `apt-get install dataset-fashion-mnist` (or --data-root); about 47 minutes on two CPU
+threads (--threads) for 86.4% test accuracy; --epochs 9 gave 85.3% in 42 minutes.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 import transformers
 from transformers import ViTConfig, ViTForImageClassification
 
+from relprop.adapters.base import find_layer_list, get_path
 from relprop.datasets import CLASS_NAMES, CanvasConfig, load_split, make_canvas
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +59,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--intermediate-size", type=int, default=384)
     p.add_argument("--position-embedding", choices=("learned", "sincos"), default="sincos",
                    help="sincos: fixed 2-D sine-cosine table, not trained (saved as ordinary weights)")
+    p.add_argument("--attention-init", choices=("random", "mimetic"), default="mimetic",
+                   help="mimetic: query-key products start near +identity and value-output products near "
+                        "-identity (Trockman & Kolter, ICML 2023); only the starting weights change")
     p.add_argument("--label-smoothing", type=float, default=0.0)
     p.add_argument("--epoch-eval-size", type=int, default=2000, help="test canvases scored per epoch")
     p.add_argument("--eval-size", type=int, default=10000, help="train and test canvases scored at the end")
@@ -129,6 +138,48 @@ def use_sincos_positions(model: ViTForImageClassification) -> None:
     table.requires_grad_(False)
 
 
+def identity_plus_noise(dim: int, noise: float, identity: float, generator: torch.Generator) -> torch.Tensor:
+    """noise * Z + identity * I with Z ~ N(0, 1/dim): the target of a mimetic weight product."""
+    z = torch.randn(dim, dim, generator=generator, dtype=torch.float64) / math.sqrt(dim)
+    return noise * z + identity * torch.eye(dim, dtype=torch.float64)
+
+
+def factor_pair(target: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, R), both dim x rank, with L @ R.T the best rank-``rank`` approximation of ``target``."""
+    u, s, vh = torch.linalg.svd(target)
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, vh[:rank].T * root
+
+
+def attention_projections(layer: torch.nn.Module) -> tuple[torch.nn.Linear, ...]:
+    """A ViT block's query, key, value and output projections (transformers 5.x or 4.x names)."""
+    return tuple(get_path(layer, f"attention.{new}", f"attention.{old}") for new, old in (
+        ("q_proj", "attention.query"), ("k_proj", "attention.key"),
+        ("v_proj", "attention.value"), ("o_proj", "output.dense")))
+
+
+def use_mimetic_attention_init(model: ViTForImageClassification, seed: int,
+                               qk: tuple[float, float] = (0.7, 0.7), vo: tuple[float, float] = (0.4, 0.4)) -> None:
+    """Start each head's W_q W_k^T near +I (tokens attend to similar tokens, and with sin-cos
+    positions to nearby patches) and each block's W_v W_o near -I, the structure trained ViTs
+    show; gives a from-scratch ViT a convolution-like start without changing the architecture."""
+    gen = torch.Generator().manual_seed(seed)
+    dim, heads = model.config.hidden_size, model.config.num_attention_heads
+    head_dim = dim // heads
+    with torch.no_grad():
+        for layer in find_layer_list(model.vit):
+            query, key, value, out = attention_projections(layer)
+            for h in range(heads):
+                w_q, w_k = factor_pair(identity_plus_noise(dim, *qk, gen), head_dim)
+                rows = slice(h * head_dim, (h + 1) * head_dim)
+                # nn.Linear computes x @ weight.T, so weight rows are the factor's columns.
+                query.weight[rows] = w_q.T.float()
+                key.weight[rows] = w_k.T.float()
+            w_v, w_o = factor_pair(identity_plus_noise(dim, vo[0], -vo[1], gen), dim)
+            value.weight.copy_(w_v.T.float())
+            out.weight.copy_(w_o.float())
+
+
 def train(args: argparse.Namespace, model: ViTForImageClassification, canvas: CanvasConfig) -> list[dict]:
     n_train = len(load_split("train", args.data_root)[1])
     steps_per_epoch = math.ceil(min(args.train_per_epoch, n_train) / args.batch_size)
@@ -201,6 +252,8 @@ def main() -> None:
     model = ViTForImageClassification(model_config(args, canvas))
     if args.position_embedding == "sincos":
         use_sincos_positions(model)
+    if args.attention_init == "mimetic":
+        use_mimetic_attention_init(model, args.seed)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"ViT with {n_params:,} parameters, attention: {model.config._attn_implementation}", flush=True)
 
