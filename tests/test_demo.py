@@ -21,8 +21,8 @@ def test_bundled_model_log_matches_the_library_canvases() -> None:
     # The benchmark regenerates canvases from CanvasConfig(); a model trained on other
     # canvases would be benchmarked off its training distribution.
     assert TRAINING_LOG["canvas_config"] == json.loads(json.dumps(dataclasses.asdict(CanvasConfig())))
-    # Regression guard for the committed weights (measured 84.05% on all 10,000 test canvases).
-    assert TRAINING_LOG["final_test_acc"] >= 0.84
+    # The project's target for the bundled model (measured 86.38% on all 10,000 test canvases).
+    assert TRAINING_LOG["final_test_acc"] >= 0.85
 
 
 @needs_real_data
