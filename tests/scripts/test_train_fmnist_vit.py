@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import ViTConfig, ViTForImageClassification
+from transformers import ViTForImageClassification
 
 from relprop.adapters.base import find_layer_list
+from tests.eval.eval_fakes import make_tiny_vit
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_fmnist_vit.py"
 
@@ -20,13 +21,6 @@ def recipe():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def tiny_vit() -> ViTForImageClassification:
-    torch.manual_seed(0)
-    return ViTForImageClassification(ViTConfig(
-        image_size=16, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=32, num_labels=3))
 
 
 def projections(recipe, model: ViTForImageClassification) -> list[tuple[torch.nn.Linear, ...]]:
@@ -43,29 +37,30 @@ def test_factor_pair_is_the_truncated_svd(recipe) -> None:
 
 
 def test_mimetic_init_sets_attention_products_and_nothing_else(recipe) -> None:
-    model = tiny_vit()
+    model = make_tiny_vit()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     recipe.use_mimetic_attention_init(model, seed=0, qk=(0.0, 1.0), vo=(0.0, 1.0))
     changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
     expected = {id(linear.weight) for block in projections(recipe, model) for linear in block}
     assert changed == {name for name, p in model.named_parameters() if id(p) in expected}
     assert len(changed) == 2 * 4
-    head_dim = 8
+    dim, heads = model.config.hidden_size, model.config.num_attention_heads
+    head_dim = dim // heads
     for query, key, value, out in projections(recipe, model):
         w_q, w_k = query.weight.double(), key.weight.double()
-        for h in range(2):
+        for h in range(heads):
             rows = slice(h * head_dim, (h + 1) * head_dim)
             product = w_q[rows].T @ w_k[rows]  # x @ W_q,h @ W_k,h^T @ x^T is the head's score
-            # Best rank-8 approximation of I (noise 0): a symmetric projection onto 8 dimensions.
+            # Best rank-head_dim approximation of I (noise 0): a symmetric projection of that rank.
             torch.testing.assert_close(product, product.T, atol=1e-6, rtol=0)
             torch.testing.assert_close(product @ product, product, atol=1e-5, rtol=0)
             assert abs(torch.trace(product).item() - head_dim) < 1e-4
         value_output = value.weight.double().T @ out.weight.double().T
-        torch.testing.assert_close(value_output, -torch.eye(16, dtype=torch.float64), atol=1e-6, rtol=0)
+        torch.testing.assert_close(value_output, -torch.eye(dim, dtype=torch.float64), atol=1e-6, rtol=0)
 
 
 def test_mimetic_init_is_seeded_and_saves_as_a_plain_vit(recipe, tmp_path: Path) -> None:
-    first, second = tiny_vit(), tiny_vit()
+    first, second = make_tiny_vit(), make_tiny_vit()
     recipe.use_sincos_positions(first)
     recipe.use_mimetic_attention_init(first, seed=3)
     recipe.use_mimetic_attention_init(second, seed=3)
@@ -73,6 +68,7 @@ def test_mimetic_init_is_seeded_and_saves_as_a_plain_vit(recipe, tmp_path: Path)
         assert all(torch.equal(x.weight, y.weight) for x, y in zip(a, b))
     first.save_pretrained(tmp_path)
     reloaded = ViTForImageClassification.from_pretrained(tmp_path).eval()
-    x = torch.randn(2, 3, 16, 16)
+    size = first.config.image_size
+    x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(pixel_values=x).logits, first.eval()(pixel_values=x).logits)
