@@ -119,3 +119,31 @@ def timm_style_vit():
     model = VisionTransformer()
     model.load_state_dict(golden_file("vit_small.weights.safetensors"))
     return model.eval()
+
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+
+
+def run_relprop(*args, cwd=None, timeout=600, env=None, stdin=None):
+    """Run the real ``relprop`` command (``python -m relprop``) in a subprocess, with this
+    checkout's sources first on the path and the Hub offline."""
+    import subprocess
+    import sys
+
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1",
+                   "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+                   **(env or {})}
+    environment.pop("RELPROP_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "relprop", *map(str, args)], cwd=cwd, env=environment,
+                          capture_output=True, text=True, timeout=timeout, input=stdin)
+
+
+def assert_cli_error(result, code: int, *phrases: str) -> str:
+    """The command failed with ``code``, its stderr names every phrase, and nothing printed a
+    traceback; returns stderr."""
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output, output
+    assert result.returncode == code, (result.returncode, output)
+    for phrase in phrases:
+        assert phrase in result.stderr, (phrase, result.stderr)
+    return result.stderr

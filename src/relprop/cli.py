@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -118,13 +119,24 @@ def _extensions():
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command; every outcome is one line on stderr and an exit code, never a traceback:
+    0 done, 1 failed while working, 2 usage error (argparse's too), 130 interrupted."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.run(args) or 0
     except RelpropError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        print(f"relprop: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("relprop: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # a bug in relprop: still one line, the traceback only on request
+        if os.environ.get("RELPROP_DEBUG"):
+            raise
+        print(f"relprop: internal error: {type(error).__name__}: {error} "
+              "(rerun with RELPROP_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""Errors raised for bad input, each telling the user what to do."""
+"""Every error relprop raises on purpose, each telling the user what to do.
+
+``exit_code`` is what the command line returns for it: 2 for a usage error (an argument, a
+path or a model the user must change), 1 for a failure while working (an unreadable input,
+a run folder in use).
+"""
 from __future__ import annotations
 
 import difflib
@@ -6,6 +11,12 @@ import difflib
 
 class RelpropError(ValueError):
     """Base class of relprop's errors (a ValueError, so existing handlers keep working)."""
+
+    exit_code = 2
+
+
+class UsageError(RelpropError):
+    """A command-line argument or option that cannot work."""
 
 
 class UnsupportedModelError(RelpropError, TypeError):
@@ -23,6 +34,16 @@ class UnknownMethodError(RelpropError, KeyError):
 
 class OptionError(RelpropError, TypeError):
     pass
+
+
+class ModelLoadError(RelpropError):
+    """A model (or its tokenizer / preprocessing) that cannot be loaded as given."""
+
+
+class RunFailure(RelpropError):
+    """Work that started and could not finish (inputs that failed, a folder in use)."""
+
+    exit_code = 1
 
 
 def did_you_mean(name: str, choices) -> str:

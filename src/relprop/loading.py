@@ -9,13 +9,9 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .errors import RelpropError
+from .errors import ModelLoadError, RelpropError
 
 DEFAULT_MEAN = DEFAULT_STD = (0.5, 0.5, 0.5)
-
-
-class ModelLoadError(RelpropError):
-    pass
 
 
 def _from_pretrained(factory, name: str, **kwargs):
