@@ -63,11 +63,9 @@ def _explain_images(args) -> int:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as handle:
-        np.save(handle, array)
-    tmp.replace(path)
+    from .files import atomic_write
+
+    atomic_write(path, lambda handle: np.save(handle, array))
 
 
 def _safe(label: str) -> str:

@@ -38,9 +38,6 @@ def overlay(image, relevance, alpha: float = 0.5, colormap: str = "jet") -> np.n
 def save_png(path: str | Path, rgb: np.ndarray) -> Path:
     from PIL import Image
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    Image.fromarray(rgb).save(tmp, format="PNG")
-    tmp.replace(path)        # never leave a half-written file under the final name
-    return path
+    from .files import atomic_write
+
+    return atomic_write(path, lambda handle: Image.fromarray(rgb).save(handle, format="PNG"))

@@ -36,6 +36,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from ..files import atomic_write
 from .images import Normalization, mask_to_tensor, to_unit_tensor
 from .runner import (Explainer, Failure, load_batches, model_device, pending_samples, report_non_finite, start_run,
                      write_summary)
@@ -218,6 +219,4 @@ def plot_class_specificity(summary: Mapping[str, Any], path: str | Path) -> None
             ax.axvline(ref, color="grey", linestyle="--", linewidth=1)
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
+    atomic_write(path, lambda handle: fig.savefig(handle, dpi=120, format="png"))

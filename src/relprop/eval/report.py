@@ -8,6 +8,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..files import atomic_write
+
 
 def plot_perturbation(summary: dict[str, Any], path: str | Path) -> None:
     """Accuracy vs removed fraction, one panel per mode and one line per method (AUC in
@@ -33,6 +35,4 @@ def plot_perturbation(summary: dict[str, Any], path: str | Path) -> None:
         if ax.lines:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = Path(path).with_name(Path(path).name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
+    atomic_write(path, lambda handle: fig.savefig(handle, dpi=120, format="png"))

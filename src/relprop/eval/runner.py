@@ -7,7 +7,6 @@ import hashlib
 import inspect
 import json
 import logging
-import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,8 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 from tqdm.auto import tqdm
+
+from ..files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,4 @@ def write_summary(path: Path, summary: dict[str, Any], settings: Mapping[str, An
 
 def write_json(path: Path, obj: Any) -> None:
     """Write atomically, so a crash never leaves a half-written summary behind."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")

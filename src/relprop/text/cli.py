@@ -39,6 +39,7 @@ def run(args) -> int:
     from ..cli import _parse_target
     from ..errors import RelpropError
     from ..explainer import Explainer
+    from ..files import atomic_write_text, output_dir
     from .explain import explain_text
     from .views import to_ansi, to_html, to_json
 
@@ -62,10 +63,9 @@ def run(args) -> int:
         print(f"warning: {warning.message}", file=sys.stderr)
     print(to_ansi(exp) if sys.stdout.isatty() else _plain(exp))
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        _write(out / "explanation.html", to_html([exp]))
-        _write(out / "explanation.json", to_json([exp]))
+        out = output_dir(args.out)
+        atomic_write_text(out / "explanation.html", to_html([exp]))
+        atomic_write_text(out / "explanation.json", to_json([exp]))
         print(f"wrote {out / 'explanation.html'} and {out / 'explanation.json'}")
     return 0
 
@@ -76,7 +76,3 @@ def _plain(exp) -> str:
     return f"[{exp.method}] class {exp.label} (p={exp.probabilities[exp.target]:.3f})\ntop words: {ranked}"
 
 
-def _write(path: Path, content: str) -> None:
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(content, encoding="utf-8")
-    tmp.replace(path)
