@@ -36,3 +36,13 @@ def test_debug_shows_the_traceback(monkeypatch):
     monkeypatch.setattr(relprop.demo, "run", lambda args: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         main(["demo"])
+
+
+def test_demo_bad_arguments(tmp_path):
+    taken = tmp_path / "a-file"
+    taken.write_text("keep me")
+    assert_cli_error(run_relprop("demo", "--out", taken), 2, f"--out '{taken}' is a file, not a folder")
+    assert taken.read_text() == "keep me"
+    assert_cli_error(run_relprop("demo", "--count", "0", "--out", tmp_path / "o"), 2, "--count must be at least 1")
+    assert_cli_error(run_relprop("demo", "--method", "bogus", "--out", tmp_path / "o"), 2, "invalid choice: 'bogus'")
+    assert not (tmp_path / "o").exists()

@@ -23,17 +23,23 @@ SENTENCES = [
 
 
 def register(subparsers) -> None:
+    from .methods import method_names
+
     parser = subparsers.add_parser("demo", help="explain real test images and sentences with the bundled models")
     parser.add_argument("--out", default="relprop-demo", help="output folder (default: relprop-demo)")
     parser.add_argument("--count", type=int, default=8, help="number of test canvases (default 8)")
-    parser.add_argument("--method", default="transformer_attribution")
+    parser.add_argument("--method", default="transformer_attribution", choices=method_names())
     parser.add_argument("--skip-text", action="store_true", help="images only")
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    from .errors import UsageError
+    from .files import output_dir
+
+    if args.count < 1:
+        raise UsageError(f"--count must be at least 1, got {args.count}")
+    out = output_dir(args.out)
     status = _images(out, args.count, args.method)
     if not args.skip_text:
         status = max(status, _sentences(out, args.method))
@@ -89,6 +95,7 @@ def _images(out: Path, count: int, method: str) -> int:
 
 def _sentences(out: Path, method: str) -> int:
     from .explainer import Explainer
+    from .files import atomic_write_text
     from .text.explain import explain_text
     from .text.views import to_ansi, to_html
 
@@ -103,6 +110,6 @@ def _sentences(out: Path, method: str) -> int:
         print(to_ansi(exp) if sys.stdout.isatty() else
               f"{exp.label} (p={exp.probabilities[exp.target]:.2f}): "
               + ", ".join(w.text for w in sorted(exp.words, key=lambda w: -w.relevance)[:4]))
-    (out / "sentences.html").write_text(to_html(explanations), encoding="utf-8")
+    atomic_write_text(out / "sentences.html", to_html(explanations))
     print(f"sentence explanations -> {out / 'sentences.html'}")
     return 0

@@ -52,6 +52,7 @@ def run(args) -> int:
         text = args.text
     if not text.strip():
         raise RelpropError("the text is empty")
+    out = output_dir(args.out) if args.out else None    # refuse a bad --out before the slow part
     model, tokenizer = load(args.model)
     explainer = Explainer(model)
     target = _parse_target(args.target, explainer.labels)
@@ -62,8 +63,7 @@ def run(args) -> int:
     for warning in caught:
         print(f"warning: {warning.message}", file=sys.stderr)
     print(to_ansi(exp) if sys.stdout.isatty() else _plain(exp))
-    if args.out:
-        out = output_dir(args.out)
+    if out is not None:
         atomic_write_text(out / "explanation.html", to_html([exp]))
         atomic_write_text(out / "explanation.json", to_json([exp]))
         print(f"wrote {out / 'explanation.html'} and {out / 'explanation.json'}")
