@@ -16,6 +16,9 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
+# The golden models live on this device: RELPROP_TEST_DEVICE=cuda runs the golden and explainer
+# tests on a GPU (CI has none; a GPU machine checks the same numbers there).
+DEVICE = torch.device(os.environ.get("RELPROP_TEST_DEVICE", "cpu"))
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -80,7 +83,7 @@ def vit_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def vit_model(vit_folder):
     from transformers import ViTForImageClassification
-    return ViTForImageClassification.from_pretrained(vit_folder, attn_implementation="eager").eval()
+    return ViTForImageClassification.from_pretrained(vit_folder, attn_implementation="eager").eval().to(DEVICE)
 
 
 @pytest.fixture(scope="session")
@@ -98,7 +101,7 @@ def bert_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def bert_model(bert_folder):
     from transformers import BertForSequenceClassification
-    return BertForSequenceClassification.from_pretrained(bert_folder, attn_implementation="eager").eval()
+    return BertForSequenceClassification.from_pretrained(bert_folder, attn_implementation="eager").eval().to(DEVICE)
 
 
 @pytest.fixture(scope="session")
@@ -108,7 +111,7 @@ def bert_inputs():
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max |actual - expected| relative to max |expected| (the golden README's measure)."""
-    actual, expected = actual.double().flatten(), expected.double().flatten()
+    actual, expected = actual.detach().cpu().double().flatten(), expected.detach().cpu().double().flatten()
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     return ((actual - expected).abs().max() / expected.abs().max()).item()
 
@@ -118,7 +121,7 @@ def timm_style_vit():
     from tests.timm_style import VisionTransformer
     model = VisionTransformer()
     model.load_state_dict(golden_file("vit_small.weights.safetensors"))
-    return model.eval()
+    return model.eval().to(DEVICE)
 
 
 SRC = Path(__file__).resolve().parent.parent / "src"
