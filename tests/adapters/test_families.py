@@ -128,6 +128,23 @@ def test_sdpa_model_explained_like_eager_copy(name):
     assert sdpa.config._attn_implementation == "sdpa"
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_float64_batch_equals_single(name):
+    """Every family, every method: a batch (text: with a padded sample) gives each sample's
+    map alone to <= 1e-6 in float64."""
+    model = _build(name)
+    inputs = _inputs(name)
+    explainer = relprop.Explainer(model, dtype=torch.float64)
+    lengths = inputs["attention_mask"].sum(1).tolist() if "attention_mask" in inputs else [None] * 3
+    for method in relprop.methods():
+        batch = explainer.explain(inputs, method, target=[0, 1, 2]).relevance
+        for i, n in enumerate(lengths):
+            alone = {k: v[i:i + 1, :n] for k, v in inputs.items() if k != "attention_mask"}
+            single = explainer.explain(alone, method, target=i).relevance[0]
+            ours = batch[i] if n is None else batch[i, :n]
+            assert (ours - single).abs().max() <= 1e-6 * single.abs().max(), (method, i)
+
+
 @pytest.mark.parametrize("name", list(TEXT))
 def test_paper_rules_conserve_relevance_to_the_encoder_input(name):
     """With the paper's rules every layer conserves relevance: the input relevance sums to 1."""
