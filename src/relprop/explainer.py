@@ -58,7 +58,10 @@ class Explainer:
     model) it reads them directly and sees such changes anyway; when it computes on a copy
     (``dtype`` differs from the model's, or a half-precision model) call `refresh` after
     them. Parameters created under ``torch.inference_mode`` have no version counter (and
-    autograd cannot use them): for such a model a copy is re-made at every call.
+    autograd cannot use them): for such a model a copy is re-made at every call. Settings
+    that are not tensors (a LayerNorm's ``eps``; the head count or activation named in the
+    config) are read with the weights: after changing one in place, call `refresh`. The
+    labels are read from the model at each use.
     """
 
     def __init__(self, model: torch.nn.Module, dtype: Optional[torch.dtype] = None):
