@@ -1,5 +1,8 @@
-"""A minimal model with timm's VisionTransformer layout and forward (timm itself does not
-import here: it needs torchvision). Loads the timm-style golden state dict unchanged."""
+"""Minimal models with timm's layouts and forwards (timm itself does not import here: it needs
+torchvision): ``VisionTransformer`` (loads the timm-style golden state dict unchanged), the
+distilled DeiT ``VisionTransformerDistilled`` (timm/models/deit.py), and transformers'
+``TimmWrapperForImageClassification`` around either (what AutoModelForImageClassification
+returns for a timm checkpoint)."""
 from __future__ import annotations
 
 import torch
@@ -64,8 +67,56 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.head = nn.Linear(embed_dim, num_classes)
 
-    def forward(self, x):
-        x = self.patch_embed(x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        x = self.norm(self.blocks(x))
+    # timm's split of the forward: features, then pooling and head
+    def _pos_embed(self, x):
+        return torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+
+    def forward_features(self, x):
+        return self.norm(self.blocks(self._pos_embed(self.patch_embed(x))))
+
+    def forward_head(self, x):
         return self.head(x[:, 0])
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+class VisionTransformerDistilled(VisionTransformer):
+    """timm's distilled DeiT: a distillation token after [CLS], a second head on it; at
+    inference the logits are the mean of both heads."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.num_prefix_tokens = 2
+        dim = self.cls_token.shape[-1]
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.pos_embed.shape[1] + 1, dim))
+        self.head_dist = nn.Linear(dim, self.head.out_features)
+        self.distilled_training = False
+
+    def _pos_embed(self, x):
+        prefix = [self.cls_token.expand(x.shape[0], -1, -1), self.dist_token.expand(x.shape[0], -1, -1)]
+        return torch.cat([*prefix, x], dim=1) + self.pos_embed
+
+    def forward_head(self, x):
+        x, x_dist = self.head(x[:, 0]), self.head_dist(x[:, 1])
+        if self.distilled_training and self.training:
+            return x, x_dist          # training with distillation only
+        return (x + x_dist) / 2
+
+
+def timm_wrapper(timm_model, id2label):
+    """transformers' own ``TimmWrapperForImageClassification`` (its real forward) around
+    ``timm_model``: its __init__ minus the part that needs timm (creating the timm model).
+    Its post_init re-initialises the weights: load them afterwards."""
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+    from transformers.modeling_utils import PreTrainedModel
+
+    config = TimmWrapperConfig(architecture="vit_tiny_patch16_224", num_labels=len(id2label), id2label=id2label,
+                               label2id={v: k for k, v in id2label.items()})
+    model = TimmWrapperForImageClassification.__new__(TimmWrapperForImageClassification)
+    PreTrainedModel.__init__(model, config)
+    model.timm_model = timm_model
+    model.num_labels = config.num_labels
+    model.post_init()
+    return model

@@ -7,6 +7,8 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError
+
 
 @dataclass
 class Internals:
@@ -38,6 +40,7 @@ class Explanation:
     input_size: Optional[tuple[int, int]] = None    # image size (vision)
     mask: Optional[torch.Tensor] = None             # [B, L] real tokens (text)
     internals: Optional[Internals] = None
+    modality: str = "image"                         # "image" or "text"
 
     def __len__(self) -> int:
         return self.relevance.shape[0]
@@ -46,17 +49,23 @@ class Explanation:
     def is_pixel_level(self) -> bool:
         return self.relevance.dim() == 3
 
+    def _image_only(self, what: str) -> None:
+        if self.modality == "text" or (self.grid is None and not self.is_pixel_level):
+            raise InputError(f"{what} is for image explanations; this one is of a text model: its "
+                             "relevance is one score per token in .relevance [B, L] (padding is 0), "
+                             "and .normalized() scales it to [0, 1]")
+
     def as_grid(self) -> torch.Tensor:
-        """Patch scores on the patch grid: [B, h, w]."""
+        """Patch scores on the patch grid: [B, h, w] (pixel-level maps as they are)."""
+        self._image_only("as_grid()")
         if self.is_pixel_level:
             return self.relevance
-        if self.grid is None:
-            raise ValueError("this explanation has no patch grid (text model)")
         return self.relevance.reshape(-1, *self.grid)
 
     def upsampled(self, size: Optional[tuple[int, int]] = None) -> torch.Tensor:
         """[B, H, W] map at the image size, bilinearly upsampled from the patch grid as the
         paper's scripts do (``F.interpolate(..., mode='bilinear')``); pixel maps as they are."""
+        self._image_only("upsampled()")
         size = tuple(size or self.input_size)
         grid = self.as_grid()
         if tuple(grid.shape[-2:]) == size:

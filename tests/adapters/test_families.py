@@ -47,6 +47,27 @@ def _build(name, attn_implementation=None):
     return model
 
 
+def _randomize_timm(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "token" in name or "pos_embed" in name:
+                p.normal_(0, 0.5)
+            elif p.dim() >= 2:
+                p.normal_(0, p[0].numel() ** -0.5)
+            else:
+                p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.1)
+    return model
+
+
+def _build_timm(distilled=False, **options):
+    """A small timm-layout ViT (or distilled DeiT) for 32x32 images with random weights."""
+    from tests.timm_style import VisionTransformer, VisionTransformerDistilled
+    torch.manual_seed(0)
+    cls = VisionTransformerDistilled if distilled else VisionTransformer
+    return _randomize_timm(cls(img_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=2, num_heads=4,
+                               **options))
+
+
 def _inputs(name, batch=3):
     gen = torch.Generator().manual_seed(1)
     if name in VISION:
@@ -107,6 +128,23 @@ def test_sdpa_model_explained_like_eager_copy(name):
     assert sdpa.config._attn_implementation == "sdpa"
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_float64_batch_equals_single(name):
+    """Every family, every method: a batch (text: with a padded sample) gives each sample's
+    map alone to <= 1e-6 in float64."""
+    model = _build(name)
+    inputs = _inputs(name)
+    explainer = relprop.Explainer(model, dtype=torch.float64)
+    lengths = inputs["attention_mask"].sum(1).tolist() if "attention_mask" in inputs else [None] * 3
+    for method in relprop.methods():
+        batch = explainer.explain(inputs, method, target=[0, 1, 2]).relevance
+        for i, n in enumerate(lengths):
+            alone = {k: v[i:i + 1, :n] for k, v in inputs.items() if k != "attention_mask"}
+            single = explainer.explain(alone, method, target=i).relevance[0]
+            ours = batch[i] if n is None else batch[i, :n]
+            assert (ours - single).abs().max() <= 1e-6 * single.abs().max(), (method, i)
+
+
 @pytest.mark.parametrize("name", list(TEXT))
 def test_paper_rules_conserve_relevance_to_the_encoder_input(name):
     """With the paper's rules every layer conserves relevance: the input relevance sums to 1."""
@@ -139,3 +177,70 @@ def test_real_timm_model(vit_inputs):
     ours = relprop.Explainer(model.eval(), dtype=torch.float64).explain(x, "transformer_attribution", target=9)
     reference = golden_file("vit_small.outputs_fp64.safetensors")["img0/pred/transformer_attribution_start0"]
     assert (ours.relevance - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+# -- timm models as timm and transformers hand them out -------------------------------------
+def test_timm_wrapper_explained_like_the_wrapped_model(timm_style_vit, vit_inputs):
+    """transformers' TimmWrapperForImageClassification (AutoModelForImageClassification of a
+    timm checkpoint): its own forward's logits, the golden reference's maps, its config's labels."""
+    from tests.conftest import golden_file
+    from tests.timm_style import VisionTransformer, timm_wrapper
+    model = timm_wrapper(VisionTransformer(), {i: f"class{i}" for i in range(10)})
+    model.timm_model.load_state_dict(timm_style_vit.state_dict())
+    model.eval()
+    assert type(model).__name__ == "TimmWrapperForImageClassification"
+    x = vit_inputs["pixel_values"][:2]
+    with torch.no_grad():
+        expected = model(pixel_values=x).logits
+    explainer = relprop.Explainer(model, dtype=torch.float64)
+    assert torch.allclose(explainer.logits(x).float(), expected, rtol=1e-5, atol=1e-5)
+    assert explainer.labels[9] == "class9"
+    ours = explainer.explain(x[:1], "transformer_attribution", target="class9")
+    reference = golden_file("vit_small.outputs_fp64.safetensors")["img0/pred/transformer_attribution_start0"]
+    assert ours.target.tolist() == [9]
+    assert (ours.relevance - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_timm_distilled_deit(wrapped):
+    """timm's VisionTransformerDistilled: [CLS] and distillation tokens, logits = mean of the
+    two heads (its inference forward, also while it trains with distillation)."""
+    from tests.timm_style import timm_wrapper
+    model = _build_timm(distilled=True)
+    if wrapped:
+        state = model.state_dict()
+        model = timm_wrapper(model, {i: str(i) for i in range(5)})
+        model.timm_model.load_state_dict(state)
+    timm_model = model.timm_model if wrapped else model
+    inputs = _inputs("vit")
+    model.eval()
+    with torch.no_grad():
+        expected = model(**inputs).logits if wrapped else model(inputs["pixel_values"])
+    model.train()
+    timm_model.distilled_training = True
+    with torch.no_grad():
+        assert isinstance(timm_model(inputs["pixel_values"]), tuple)       # the training forward
+    explainer = relprop.Explainer(model)
+    assert torch.allclose(explainer.logits(inputs), expected, rtol=1e-5, atol=1e-5)
+    for method in relprop.methods():
+        result = explainer.explain(inputs, method, target=1)
+        assert torch.isfinite(result.relevance).all()
+        if method != "lrp":
+            assert result.relevance.shape == (3, 16) and result.as_grid().shape == (3, 4, 4)
+
+
+def test_unsupported_timm_models_named():
+    from tests.timm_style import timm_wrapper
+    pooled = _build_timm()
+    pooled.global_pool = "avg"
+    with pytest.raises(relprop.UnsupportedModelError, match="timm VisionTransformer uses features.*global_pool='avg'"):
+        relprop.Explainer(timm_wrapper(pooled, {0: "a", 1: "b"}))
+
+    class ResNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 2)
+
+    with pytest.raises(relprop.UnsupportedModelError,
+                       match="does not support TimmWrapperForImageClassification wrapping timm's ResNet"):
+        relprop.Explainer(timm_wrapper(ResNet(), {0: "a", 1: "b"}))

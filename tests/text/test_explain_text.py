@@ -116,3 +116,31 @@ def test_cli_explain_text(tiny, tokenizer, tmp_path, capsys):
                  "--target", "positive"]) == 0
     assert "class positive" in capsys.readouterr().out
     assert main(["explain-text", "   ", "--model", str(folder)]) == 2
+
+
+def test_targets_by_label_name(tiny, tokenizer):
+    explainer = relprop.Explainer(tiny)
+    texts = ["good movie", "bad movie"]
+    by_name = explain_text(explainer, tokenizer, texts, target="positive")
+    by_index = explain_text(explainer, tokenizer, texts, target=1)
+    assert [e.target for e in by_name] == [1, 1] and [e.label for e in by_name] == ["positive", "positive"]
+    assert all(np.array_equal(a.token_relevance, b.token_relevance) for a, b in zip(by_name, by_index))
+    mixed = explain_text(explainer, tokenizer, texts, target=["negative", 1])
+    assert [e.target for e in mixed] == [0, 1]
+    assert [e.target for e in explain_text(explainer, tokenizer, texts, target=torch.tensor([1, 0]))] == [1, 0]
+    assert [e.target for e in explain_text(explainer, tokenizer, texts, target=np.int64(0))] == [0, 0]
+    [windowed] = explain_text(explainer, tokenizer, "fine", target="Positive", long_text="windows")
+    assert windowed.target == 1
+
+
+@pytest.mark.parametrize("target,phrases", [
+    ("postive", ["unknown label 'postive'", "Did you mean 'positive'", "0: 'negative', 1: 'positive'"]),
+    (["negative", "meh"], ["unknown label 'meh'"]),
+    (1.5, ["target must be None, a class index, a label name"]),
+    (["positive"], ["1 targets for 2 texts"]),
+])
+def test_bad_text_targets(tiny, tokenizer, target, phrases):
+    with pytest.raises(relprop.InputError) as error:
+        explain_text(relprop.Explainer(tiny), tokenizer, ["good", "bad"], target=target)
+    for phrase in phrases:
+        assert phrase in str(error.value)

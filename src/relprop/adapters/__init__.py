@@ -7,14 +7,15 @@ from ..errors import UnsupportedModelError
 from .base import Adapter
 from .hf_text import BertAdapter, DistilBertAdapter, RobertaAdapter
 from .hf_vit import HFViTAdapter
-from .timm_vit import TimmViTAdapter
+from .timm_vit import TimmViTAdapter, wrapped_timm_model
 
 ADAPTERS: list[type[Adapter]] = [HFViTAdapter, TimmViTAdapter, BertAdapter, RobertaAdapter, DistilBertAdapter]
 
 SUPPORTED = ("Hugging Face ViTForImageClassification, DeiTForImageClassification, "
              "DeiTForImageClassificationWithTeacher, BertForSequenceClassification, "
              "RobertaForSequenceClassification, DistilBertForSequenceClassification; "
-             "timm VisionTransformer (class-token pooling)")
+             "timm VisionTransformer and VisionTransformerDistilled (class-token pooling), also inside "
+             "TimmWrapperForImageClassification; subclasses of these")
 
 
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
@@ -26,4 +27,8 @@ def adapt(model: torch.nn.Module, dtype: torch.dtype) -> Adapter:
     for cls in ADAPTERS:
         if cls.matches(model):
             return cls(model, dtype)
-    raise UnsupportedModelError(f"relprop does not support {type(model).__name__}. Supported: {SUPPORTED}.")
+    name = type(model).__name__
+    wrapped = wrapped_timm_model(model)
+    if wrapped is not None:
+        name += f" wrapping timm's {type(wrapped).__name__}"
+    raise UnsupportedModelError(f"relprop does not support {name}. Supported: {SUPPORTED}.")

@@ -36,6 +36,8 @@ class Adapter:
 
     @classmethod
     def matches(cls, model: torch.nn.Module) -> bool:
+        """Whether this adapter handles ``model``; match its class or a base class
+        (`class_names`), so that subclasses of a supported model are accepted."""
         raise NotImplementedError
 
     def prepare(self, inputs: Any) -> Prepared:
@@ -54,10 +56,15 @@ class Adapter:
 
     # -- helpers for subclasses -------------------------------------------------------
     def tensor(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """A parameter as used by the engine: detached (a view, no copy) in the compute dtype."""
+        """A parameter as used by the engine: detached (a view, no copy) in the compute dtype.
+
+        A tensor made under ``torch.inference_mode`` is copied: autograd cannot use it.
+        """
         if t is None:
             return None
         t = t.detach()
+        if t.is_inference():
+            return t.to(self.dtype, copy=True)
         return t if t.dtype == self.dtype else t.to(self.dtype)
 
     def linear(self, module: torch.nn.Module) -> Linear:
@@ -65,6 +72,17 @@ class Adapter:
 
     def layer_norm(self, module: torch.nn.Module) -> LayerNorm:
         return LayerNorm(self.tensor(module.weight), self.tensor(getattr(module, "bias", None)), float(module.eps))
+
+
+def class_names(model: Any) -> list[str]:
+    """Names of the model's class and of its bases, most derived first: a subclass of a
+    supported class is supported (timm and transformers need not be importable to match)."""
+    return [cls.__name__ for cls in type(model).__mro__]
+
+
+def first_class_name(model: Any, names) -> Optional[str]:
+    """The most derived class of ``model`` (itself or a base) named in ``names``, or None."""
+    return next((name for name in class_names(model) if name in names), None)
 
 
 def get_path(obj: Any, *paths: str) -> Any:
@@ -93,6 +111,11 @@ def find_layer_list(root: torch.nn.Module) -> torch.nn.ModuleList:
 
 
 def labels_of(model: torch.nn.Module) -> dict[int, str]:
+    """Class names: the Hugging Face ``config.id2label``, else timm's ``pretrained_cfg['label_names']``."""
     config = getattr(model, "config", None)
     id2label = getattr(config, "id2label", None) or {}
+    if not id2label:
+        pretrained_cfg = getattr(model, "pretrained_cfg", None)
+        names = pretrained_cfg.get("label_names") if isinstance(pretrained_cfg, dict) else None
+        id2label = dict(enumerate(names or ()))
     return {int(k): str(v) for k, v in id2label.items()}

@@ -8,7 +8,7 @@ from transformers.activations import ACT2FN
 
 from ..architecture import Architecture, Block, HeadBranch
 from ..errors import InputError, UnsupportedModelError
-from .base import Adapter, Prepared, labels_of
+from .base import Adapter, Prepared, first_class_name, labels_of
 
 
 class TextAdapter(Adapter):
@@ -25,7 +25,7 @@ class TextAdapter(Adapter):
 
     @classmethod
     def matches(cls, model):
-        return type(model).__name__ in cls.model_classes
+        return first_class_name(model, cls.model_classes) is not None
 
     def __init__(self, model, dtype):
         super().__init__(model, dtype)

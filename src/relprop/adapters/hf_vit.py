@@ -6,7 +6,7 @@ from transformers.activations import ACT2FN
 
 from ..architecture import Architecture, Block, HeadBranch
 from ..errors import UnsupportedModelError
-from .base import find_layer_list, get_path, labels_of
+from .base import find_layer_list, first_class_name, get_path, labels_of
 from .vision import VisionAdapter
 
 _SUPPORTED = {
@@ -21,11 +21,11 @@ class HFViTAdapter(VisionAdapter):
 
     @classmethod
     def matches(cls, model):
-        return type(model).__name__ in _SUPPORTED and hasattr(model, "config")
+        return first_class_name(model, _SUPPORTED) is not None and hasattr(model, "config")
 
     def __init__(self, model, dtype):
         super().__init__(model, dtype)
-        base_name, head_names = _SUPPORTED[type(model).__name__]
+        base_name, head_names = _SUPPORTED[first_class_name(model, _SUPPORTED)]
         base = getattr(model, base_name)
         config = model.config
         emb = base.embeddings
@@ -35,7 +35,7 @@ class HFViTAdapter(VisionAdapter):
         prefix = [emb.cls_token]
         if getattr(emb, "distillation_token", None) is not None:
             prefix.append(emb.distillation_token)
-        self.prefix = torch.cat([self.tensor(t) for t in prefix], dim=1)
+        self.prefix_tokens = [self.tensor(t) for t in prefix]
         self.positions = self.tensor(emb.position_embeddings)
         size = config.image_size
         patch = config.patch_size
@@ -64,5 +64,5 @@ class HFViTAdapter(VisionAdapter):
                                             "relprop needs a linear classifier on the [CLS] token")
             head.append(HeadBranch(token, [self.linear(classifier)], []))
         self.architecture = Architecture(blocks, self.layer_norm(base.layernorm), head,
-                                         prefix_tokens=self.prefix.shape[1], modality="image",
+                                         prefix_tokens=self.num_prefix, modality="image",
                                          labels=labels_of(model))

@@ -17,7 +17,7 @@ class VisionAdapter(Adapter):
     # set by subclasses in __init__
     patch_weight: torch.Tensor      # [D, C, p, p]
     patch_bias: torch.Tensor
-    prefix: torch.Tensor            # [1, T, D] class (+ distillation) tokens
+    prefix_tokens: list[torch.Tensor]   # [1, 1, D] each: class (+ distillation) token, views of the model's
     positions: torch.Tensor         # [1, T + P, D]
     image_size: tuple[int, int]
     patch_size: tuple[int, int]
@@ -27,6 +27,10 @@ class VisionAdapter(Adapter):
         "attn_gradcam": {"scope": "cls_row"},
         "transformer_attribution": {"start_layer": 0, "row_normalize": False},
     }
+
+    @property
+    def num_prefix(self) -> int:
+        return len(self.prefix_tokens)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -62,18 +66,21 @@ class VisionAdapter(Adapter):
         pixels = self._check(inputs).to(device=self.device, dtype=self.dtype)
         patches = F.conv2d(pixels, self.patch_weight, self.patch_bias, stride=self.patch_size)
         patches = patches.flatten(2).transpose(1, 2)
-        tokens = torch.cat([self.prefix.expand(pixels.shape[0], -1, -1), patches], dim=1)
+        # concatenated here, not once at construction: a copy made then would keep the
+        # tokens' old values after an in-place update of the model
+        prefix = [token.expand(pixels.shape[0], -1, -1) for token in self.prefix_tokens]
+        tokens = torch.cat([*prefix, patches], dim=1)
         hidden = tokens + self.positions
         n = hidden.shape[1]
         valid = torch.ones(pixels.shape[0], n, dtype=torch.bool, device=self.device)
-        content = torch.arange(self.prefix.shape[1], n, device=self.device)
+        content = torch.arange(self.num_prefix, n, device=self.device)
         return Prepared(hidden, valid, content, {"pixels": pixels, "tokens": tokens})
 
     def input_relevance(self, prepared: Prepared, relevance: torch.Tensor, rules) -> torch.Tensor:
         """Relevance of every pixel, summed over colour channels: [B, H, W]."""
         tokens, pixels = prepared.extras["tokens"], prepared.extras["pixels"]
         rel_tokens, _ = rules.add(tokens, self.positions.expand_as(tokens), relevance)
-        rel_patches = rel_tokens[:, self.prefix.shape[1]:]
+        rel_patches = rel_tokens[:, self.num_prefix:]
         unfolded = F.unfold(pixels, self.patch_size, stride=self.patch_size).transpose(1, 2)
         low = pixels.flatten(1).min(dim=1).values
         high = pixels.flatten(1).max(dim=1).values

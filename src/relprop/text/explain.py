@@ -6,6 +6,7 @@ character offsets into the original text.
 """
 from __future__ import annotations
 
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal, Optional, Sequence
@@ -101,7 +102,7 @@ def explain_text(explainer, tokenizer, texts: str | Sequence[str], method: str =
         raise InputError("explain_text needs a fast tokenizer (offsets and word ids); load it with use_fast=True")
     if long_text not in ("truncate", "windows"):
         raise ValueError(f"long_text must be 'truncate' or 'windows', not {long_text!r}")
-    targets = _per_text_targets(target, len(texts))
+    targets = _per_text_targets(explainer, target, len(texts))
     max_length = _max_length(explainer.model, tokenizer)
     results = []
     for start in range(0, len(texts), batch_size):
@@ -116,10 +117,19 @@ def explain_text(explainer, tokenizer, texts: str | Sequence[str], method: str =
     return results
 
 
-def _per_text_targets(target, count: int) -> list[Optional[int]]:
-    if target is None or isinstance(target, int):
-        return [target] * count
-    values = [int(t) for t in target]
+def _per_text_targets(explainer, target, count: int) -> list[Optional[int]]:
+    """One class index (or None: the prediction) per text, from an index, a label name, or one
+    of those per text."""
+    if isinstance(target, torch.Tensor) and target.dim() == 0:
+        target = target.item()
+    if target is None or isinstance(target, (str, numbers.Integral)):
+        return [None if target is None else explainer.class_index(target)] * count
+    try:
+        values = [None if t is None else explainer.class_index(t.item() if isinstance(t, torch.Tensor) else t)
+                  for t in target]
+    except TypeError:
+        raise InputError(f"target must be None, a class index, a label name, or one of those per text; "
+                         f"got {type(target).__name__}") from None
     if len(values) != count:
         raise InputError(f"{len(values)} targets for {count} texts")
     return values
