@@ -18,6 +18,7 @@ VISION = {
 TEXT = {
     "bert": (tf.BertConfig, tf.BertForSequenceClassification),
     "roberta": (tf.RobertaConfig, tf.RobertaForSequenceClassification),
+    "xlm_roberta": (tf.XLMRobertaConfig, tf.XLMRobertaForSequenceClassification),
     "distilbert": (tf.DistilBertConfig, tf.DistilBertForSequenceClassification),
 }
 
@@ -73,10 +74,11 @@ def _inputs(name, batch=3):
     if name in VISION:
         return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=gen)}
     ids = torch.randint(5, 100, (batch, 12), generator=gen)
-    ids[:, 0] = 0 if name == "roberta" else 2
+    roberta_like = name in ("roberta", "xlm_roberta")
+    ids[:, 0] = 0 if roberta_like else 2
     mask = torch.ones_like(ids)
     mask[1, 7:] = 0
-    pad = 1 if name == "roberta" else 0
+    pad = 1 if roberta_like else 0
     ids[1, 7:] = pad
     return {"input_ids": ids, "attention_mask": mask}
 
