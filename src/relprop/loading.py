@@ -15,6 +15,8 @@ from .errors import InputError, ModelLoadError
 
 DEFAULT_MEAN = DEFAULT_STD = (0.5, 0.5, 0.5)
 PREPROCESSOR_FILE = "preprocessor_config.json"
+DEFAULTS_NOTE = ("using the ViT defaults (resize to the model's input size, scale to [0, 1], "
+                 "mean = std = 0.5)")
 
 # What each loader needs, and the command that explains the other kind (for "wrong kind" errors).
 _KINDS = {
@@ -38,9 +40,14 @@ def _warn(message: str) -> None:
     warnings.warn(message, stacklevel=3)
 
 
-def _first_line(error: BaseException) -> str:
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    """The error's first line, cut to its first sentence when long (transformers lists every model type)."""
     lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+    line = lines[0] if lines else type(error).__name__
+    if len(line) > limit:
+        end = line.find(". ", 0, limit)
+        line = line[:end + 1] if end > 0 else line[:limit - 3] + "..."
+    return line
 
 
 def _local_folder(name: str) -> Optional[Path]:
@@ -221,8 +228,7 @@ def _preprocessor_file(name: str, note: Note) -> Optional[Path]:
         file = local / PREPROCESSOR_FILE
         if file.is_file():
             return file
-        note(f"{name} has no {PREPROCESSOR_FILE}; using the ViT defaults (resize to the model's input size, "
-             "scale to [0, 1], mean = std = 0.5)")
+        note(f"{name} has no {PREPROCESSOR_FILE}; {DEFAULTS_NOTE}")
         return None
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
@@ -235,8 +241,7 @@ def _preprocessor_file(name: str, note: Note) -> Optional[Path]:
         why = "has no"
     except OSError:
         why = "could not fetch its"
-    note(f"{name} {why} {PREPROCESSOR_FILE}; using the ViT defaults (resize to the model's input size, "
-         "scale to [0, 1], mean = std = 0.5)")
+    note(f"{name} {why} {PREPROCESSOR_FILE}; {DEFAULTS_NOTE}")
     return None
 
 
