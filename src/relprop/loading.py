@@ -1,49 +1,279 @@
 """Load a user's model (local folder or hub id) and its preprocessing, offline-safe."""
 from __future__ import annotations
 
+import json
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
-from .errors import ModelLoadError, RelpropError
+from .errors import InputError, ModelLoadError
 
 DEFAULT_MEAN = DEFAULT_STD = (0.5, 0.5, 0.5)
+PREPROCESSOR_FILE = "preprocessor_config.json"
+DEFAULTS_NOTE = ("using the ViT defaults (resize to the model's input size, scale to [0, 1], "
+                 "mean = std = 0.5)")
+
+# What each loader needs, and the command that explains the other kind (for "wrong kind" errors).
+_KINDS = {
+    "AutoModelForImageClassification": ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "an image classifier",
+                                         "relprop explain IMAGE --model {name}"),
+    "AutoModelForSequenceClassification": ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "a text classifier",
+                                           "relprop explain-text TEXT --model {name}"),
+}
+# Plain words, digits and punctuation: a tokenizer that maps all of them to its unknown token
+# has no real vocabulary (e.g. the empty one transformers 5 builds for a folder without one).
+_PROBE_TEXT = "the movie was good, and I liked it: 10 / 10."
+
+# How long a failed Hub probe sends a model's loads to the cache only (one command's loads)
+_HUB_PROBE_SECONDS = 60.0
+_hub_probes: dict[str, tuple[float, bool]] = {}
+
+Note = Callable[[str], None]
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    """The error's first line, cut to its first sentence when long (transformers lists every model type)."""
+    lines = str(error).strip().splitlines()
+    line = lines[0] if lines else type(error).__name__
+    if len(line) > limit:
+        end = line.find(". ", 0, limit)
+        line = line[:end + 1] if end > 0 else line[:limit - 3] + "..."
+    return line
+
+
+def _local_folder(name: str) -> Optional[Path]:
+    """``name`` as an existing model folder, None for a Hub id; a ModelLoadError for a file or a
+    path that does not exist (Hub ids are "name" or "org/name")."""
+    local = Path(name).expanduser()
+    if local.exists() and not local.is_dir():
+        raise ModelLoadError(f"{name} is a file; pass the model folder (config.json + weights)")
+    if local.exists():
+        return local
+    if local.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1:
+        raise ModelLoadError(f"model folder not found: {name}")
+    return None
+
+
+def _hub_cache_only(name: str) -> bool:
+    """Whether ``name`` must come from the local Hub cache: offline mode, or the Hub did not answer
+    one request (no retries: transformers alone would retry for ~25 s before giving up). A Hub
+    answer that the model does not exist is a ModelLoadError."""
+    import huggingface_hub
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.utils import (EntryNotFoundError, GatedRepoError, HFValidationError,
+                                       RepositoryNotFoundError, RevisionNotFoundError)
+
+    if getattr(huggingface_hub, "is_offline_mode", lambda: constants.HF_HUB_OFFLINE)():
+        return True
+    probed = _hub_probes.get(name)
+    if probed and time.monotonic() - probed[0] < _HUB_PROBE_SECONDS:
+        return probed[1]
+    try:
+        get_hf_file_metadata(hf_hub_url(name, "config.json"), timeout=constants.HF_HUB_ETAG_TIMEOUT)
+        cache_only = False
+    except GatedRepoError:
+        raise ModelLoadError(f"{name!r} is a gated model on the Hugging Face Hub: accept its terms on the "
+                             "Hub and log in (hf auth login), or pass a local folder") from None
+    except (RepositoryNotFoundError, HFValidationError):
+        raise ModelLoadError(f"{name!r} is neither a local folder nor a model on the Hugging Face Hub "
+                             "(a private one needs hf auth login); check the name") from None
+    except RevisionNotFoundError:
+        raise ModelLoadError(f"{name!r}: revision not found on the Hugging Face Hub") from None
+    except EntryNotFoundError:
+        raise ModelLoadError(f"{name!r} on the Hugging Face Hub has no config.json: it is not a "
+                             "transformers model") from None
+    except Exception:  # no network, proxy, timeout, Hub down: the cache or nothing, at once
+        cache_only = True
+    _hub_probes[name] = (time.monotonic(), cache_only)
+    return cache_only
 
 
 def _from_pretrained(factory, name: str, **kwargs):
     """``factory.from_pretrained`` for a local folder or a Hub id, with errors that say what to do."""
-    local = Path(name).expanduser()
-    if local.exists() and not local.is_dir():
-        raise ModelLoadError(f"{name} is a file; pass the model folder (config.json + weights)")
-    # Hub ids are "name" or "org/name"; anything else that does not exist is a mistyped path
-    if not local.exists() and (local.is_absolute() or name.startswith((".", "~")) or name.count("/") > 1):
-        raise ModelLoadError(f"model folder not found: {name}")
+    local = _local_folder(name)
+    cache_only = local is not None or _hub_cache_only(name)
     try:
-        if local.exists():
-            return factory.from_pretrained(str(local), local_files_only=True, **kwargs)
-        return factory.from_pretrained(name, **kwargs)
+        return factory.from_pretrained(str(local) if local else name, local_files_only=cache_only, **kwargs)
     except OSError as error:
-        where = ("the folder has no loadable model (config.json + weights)" if local.exists() else
-                 "it is not a local folder and could not be fetched from the Hugging Face Hub "
-                 "(offline? pass a folder saved with save_pretrained(), or download it first)")
-        raise ModelLoadError(f"cannot load {name!r}: {where}. Details: {error}") from None
+        if local is not None:
+            where = "the folder has no loadable model (config.json + weights)"
+        elif cache_only:
+            from huggingface_hub import constants
+
+            reason = ("HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE
+                      else f"the Hub at {constants.ENDPOINT} could not be reached")
+            raise ModelLoadError(
+                f"cannot load {name!r}: it is not a local folder and could not be fetched from the Hugging Face "
+                f"Hub ({reason}, and it is not in the local cache). Offline? Pass a folder saved with "
+                "save_pretrained(), or download it first") from None
+        else:
+            where = "the Hugging Face Hub copy could not be loaded"
+        raise ModelLoadError(f"cannot load {name!r}: {where}. Details: {_first_line(error)}") from None
+
+
+def _load_classifier(factory, name: str):
+    """A classifier of ``factory``'s kind in eval mode; a ModelLoadError that names the right
+    command when the folder holds the other kind (or a model type no Auto class knows)."""
+    import transformers
+    from transformers import AutoConfig
+    from transformers.models.auto import modeling_auto
+
+    local = _local_folder(name)
+    if local is not None and not (local / "config.json").is_file():
+        raise ModelLoadError(f"{name} has no config.json: pass the folder a model was saved to with "
+                             "save_pretrained() (config.json + weights)")
+    try:
+        config = _from_pretrained(AutoConfig, name)
+    except ModelLoadError:
+        raise
+    except (ValueError, KeyError) as error:  # a model_type this transformers does not know
+        raise ModelLoadError(f"cannot read the config.json of {name!r}: {_first_line(error)} "
+                             f"(transformers {transformers.__version__})") from None
+    model_type = getattr(config, "model_type", "")
+    mapping, wanted, _ = _KINDS[factory.__name__]
+    if model_type not in getattr(modeling_auto, mapping):
+        for other, (other_mapping, kind, command) in _KINDS.items():
+            if other != factory.__name__ and model_type in getattr(modeling_auto, other_mapping):
+                raise ModelLoadError(f"{name!r} is {kind} (model type {model_type!r}), not {wanted}; "
+                                     f"explain it with `{command.format(name=name)}`")
+        raise ModelLoadError(f"{name!r} has model type {model_type!r}, which is not {wanted} that transformers' "
+                             f"{factory.__name__} can load (e.g. vit, deit for images; bert, roberta for text)")
+    try:
+        model = _from_pretrained(factory, name, config=config)
+    except ModelLoadError:
+        raise
+    except ValueError as error:  # e.g. a config transformers knows but cannot pair with this head
+        raise ModelLoadError(f"cannot load {name!r} as {wanted}: {_first_line(error)}") from None
+    return model.eval()
 
 
 def load_image_classifier(name: str):
+    """An ``AutoModelForImageClassification`` from a folder or Hub id, in eval mode.
+
+    Raises
+    ------
+    ModelLoadError
+        The folder or id cannot be loaded, or holds a model of another kind (a text classifier
+        is named as such, with the command that explains it).
+    """
     from transformers import AutoModelForImageClassification
 
-    return _from_pretrained(AutoModelForImageClassification, name).eval()
+    return _load_classifier(AutoModelForImageClassification, name)
 
 
 def load_text_classifier(name: str):
+    """An ``AutoModelForSequenceClassification`` (eval mode) and its tokenizer.
+
+    The tokenizer is refused (ModelLoadError) when it is missing -- transformers 5 then builds one
+    that knows only its special tokens, so every word would be unknown -- when it maps plain words,
+    digits and punctuation all to its unknown token, or when it has ids the model's embedding does
+    not have.
+    """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    model = _from_pretrained(AutoModelForSequenceClassification, name).eval()
-    return model, _from_pretrained(AutoTokenizer, name)
+    model = _load_classifier(AutoModelForSequenceClassification, name)
+    try:
+        tokenizer = _from_pretrained(AutoTokenizer, name)
+    except ModelLoadError:
+        raise
+    except (ValueError, TypeError, KeyError) as error:  # no tokenizer files, or unusable ones
+        raise ModelLoadError(f"no usable tokenizer for {name!r} ({_first_line(error)}); save the model's "
+                             "tokenizer next to it with tokenizer.save_pretrained(FOLDER)") from None
+    check_tokenizer(tokenizer, model, name)
+    return model, tokenizer
+
+
+def check_tokenizer(tokenizer, model, name: str) -> None:
+    """Refuse a tokenizer that does not belong to ``model`` (see `load_text_classifier`).
+
+    Raises
+    ------
+    ModelLoadError
+        Naming ``name`` and what is wrong.
+    """
+    vocab = tokenizer.get_vocab()
+    special = set(tokenizer.all_special_ids)
+    if not set(vocab.values()) - special:
+        raise ModelLoadError(f"no tokenizer in {name!r}: without tokenizer files (tokenizer.json, vocab.txt, ...) "
+                             f"transformers builds one that knows only its {len(vocab)} special tokens, so every "
+                             "word would be unknown; save the model's tokenizer there with "
+                             "tokenizer.save_pretrained(FOLDER)")
+    rows = model.get_input_embeddings().num_embeddings
+    largest = max(vocab.values())
+    if largest >= rows:
+        raise ModelLoadError(f"the tokenizer of {name!r} has token ids up to {largest}, but the model's embedding "
+                             f"has {rows} rows (config.vocab_size = {getattr(model.config, 'vocab_size', '?')}): "
+                             "the tokenizer does not belong to this model")
+    unknown = tokenizer.unk_token_id
+    ids = tokenizer(_PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    if unknown is not None and ids and all(i == unknown for i in ids):
+        raise ModelLoadError(f"the tokenizer of {name!r} maps plain words, digits and punctuation all to "
+                             f"{tokenizer.unk_token}: it does not belong to this model (or its vocabulary "
+                             "file is broken)")
+
+
+def _preprocessor_file(name: str, note: Note) -> Optional[Path]:
+    """The model's preprocessor_config.json, or None (said in one note) when it has none."""
+    local = _local_folder(name)
+    if local is not None:
+        file = local / PREPROCESSOR_FILE
+        if file.is_file():
+            return file
+        note(f"{name} has no {PREPROCESSOR_FILE}; {DEFAULTS_NOTE}")
+        return None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(name, PREPROCESSOR_FILE, local_files_only=_hub_cache_only(name)))
+    except LocalEntryNotFoundError:  # offline and not cached (a subclass of EntryNotFoundError)
+        why = "could not fetch its"
+    except EntryNotFoundError:
+        why = "has no"
+    except OSError:
+        why = "could not fetch its"
+    note(f"{name} {why} {PREPROCESSOR_FILE}; {DEFAULTS_NOTE}")
+    return None
+
+
+def _load_processor(file: Path):
+    """The image processor a preprocessor_config.json describes; a ModelLoadError naming the file
+    when it is not JSON or not a processor this transformers knows."""
+    import transformers
+    from transformers import AutoImageProcessor
+
+    try:
+        settings = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ModelLoadError(f"{file} is not valid JSON ({error}); fix it, or delete it to use the "
+                             "ViT defaults") from None
+    if not isinstance(settings, dict):
+        raise ModelLoadError(f"{file} is not a JSON object of preprocessing settings; fix it, or delete it to "
+                             "use the ViT defaults")
+    kind = settings.get("image_processor_type")
+    verbosity = transformers.logging.get_verbosity()
+    try:
+        # quiet: transformers would advise installing torchvision, which the PIL backend does not need
+        transformers.logging.set_verbosity_error()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoImageProcessor.from_pretrained(str(file.parent), backend="pil", local_files_only=True)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as error:
+        detail = (f"unknown image_processor_type {kind!r} (transformers {transformers.__version__} has no such "
+                  "class)" if isinstance(kind, str) and not hasattr(transformers, kind) else _first_line(error))
+        raise ModelLoadError(f"cannot use {file}: {detail}; fix the file, or delete it to use the "
+                             "ViT defaults") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
 
 @dataclass
@@ -57,19 +287,29 @@ class ImagePreprocessor:
     normalizes: bool
 
     @classmethod
-    def for_model(cls, name: str, model) -> "ImagePreprocessor":
-        from transformers import AutoImageProcessor
+    def for_model(cls, name: str, model, note: Optional[Note] = None) -> "ImagePreprocessor":
+        """The preprocessing of model ``name`` (folder or Hub id).
 
-        processor = None
-        if Path(name).expanduser().joinpath("preprocessor_config.json").exists() or not Path(name).exists():
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    processor = AutoImageProcessor.from_pretrained(str(Path(name).expanduser()) if Path(name).exists()
-                                                                   else name, backend="pil")
-            except (OSError, ValueError, TypeError):
-                processor = None
-        if processor is None:
+        Parameters
+        ----------
+        name : str
+            What the model was loaded from.
+        model : torch.nn.Module
+            The loaded model (its config gives the default input size).
+        note : callable, optional
+            Receives one line when the defaults are used for lack of a preprocessor_config.json
+            (default: a warning).
+
+        Raises
+        ------
+        ModelLoadError
+            The preprocessor_config.json exists but is not valid JSON or names a processor this
+            transformers does not know.
+        """
+        file = _preprocessor_file(name, note or _warn)
+        if file is not None:
+            processor = _load_processor(file)
+        else:
             try:  # transformers 5: the PIL backend (the default one needs torchvision)
                 from transformers import ViTImageProcessorPil as ViTImageProcessor
             except ImportError:
@@ -93,12 +333,63 @@ class ImagePreprocessor:
         return (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
 
 
-def read_image(path: str | Path):
-    """An RGB PIL image, or a RelpropError naming the file."""
-    from PIL import Image, UnidentifiedImageError
+def read_image(path: str | Path, note: Optional[Note] = None):
+    """An 8-bit RGB PIL image of the file as it looks, or an InputError naming the file.
+
+    Pillow's own ``convert("RGB")`` clips images beyond 8 bits (16-bit ones turn white, float
+    ones black), so those are scaled by their real range first:
+
+    - 16-bit (``I;16``, ``I;16B``, ...): divided by 65535;
+    - 32-bit integer (``I``): divided by 65535 when every value lies in [0, 65535] (how Pillow
+      decodes 16-bit PGM/PPM files, whatever their maxval, and some 16-bit TIFFs); otherwise
+      there is no standard white level, so min-max scaled, said in a note;
+    - float (``F``): as is when every value lies in [0, 1]; otherwise min-max scaled, said in a
+      note; NaN or infinite pixels are refused.
+
+    Then rounded to 8 bits (what the processors take), so a 16-bit or float copy of an 8-bit
+    picture gives the 8-bit picture back exactly.
+
+    Parameters
+    ----------
+    path : str or Path
+        The image file.
+    note : callable, optional
+        Receives one line when an image is min-max scaled (default: a warning).
+
+    Raises
+    ------
+    InputError
+        The file cannot be read, is a decompression bomb (more pixels than Pillow's
+        ``Image.MAX_IMAGE_PIXELS`` allows), or has non-finite pixels.
+    """
+    from PIL import Image
 
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError) as error:
-        raise RelpropError(f"cannot read image {str(path)!r}: {error}") from None
+            if image.mode not in ("I", "F") and not image.mode.startswith("I;16"):
+                return image.convert("RGB")
+            values = np.asarray(image)
+            mode = image.mode
+    except Image.DecompressionBombError as error:
+        raise InputError(f"cannot read image {str(path)!r}: refused as a possible decompression bomb ({error}); "
+                         "shrink it first if the file is trusted") from None
+    except (OSError, ValueError, EOFError, SyntaxError) as error:  # UnidentifiedImageError is an OSError
+        raise InputError(f"cannot read image {str(path)!r}: {_first_line(error)}") from None
+    scaled = _unit_range(values.astype(np.float64), mode, str(path), note or _warn)
+    gray = Image.fromarray((scaled * 255).round().astype(np.uint8))
+    return gray.convert("RGB")
+
+
+def _unit_range(values: np.ndarray, mode: str, path: str, note: Note) -> np.ndarray:
+    """A single-channel high-bit-depth or float image in [0, 1] (see `read_image`)."""
+    if not np.isfinite(values).all():
+        raise InputError(f"cannot read image {path!r}: it has NaN or infinite pixels")
+    low, high = values.min(), values.max()
+    if mode.startswith("I;16") or (mode == "I" and low >= 0 and high <= 65535):
+        return values / 65535
+    if mode == "F" and low >= 0 and high <= 1:
+        return values
+    kind = "float" if mode == "F" else "32-bit integer"
+    note(f"{path}: {kind} pixels span [{low:.6g}, {high:.6g}], not "
+         f"{'[0, 1]' if mode == 'F' else 'a 16-bit range'}; scaled min-max to [0, 1] (relative brightness only)")
+    return (values - low) / (high - low) if high > low else np.clip(values, 0, 1)
