@@ -52,7 +52,7 @@ def test_explain_target_by_label_and_method(vit_folder, images, tmp_path):
 
 def test_explain_errors(vit_folder, images, tmp_path, capsys, monkeypatch):
     assert main(["explain", images[0], "--model", str(vit_folder), "--target", "zebra", "--out", str(tmp_path)]) == 2
-    assert "unknown class 'zebra'" in capsys.readouterr().err
+    assert "unknown label 'zebra'" in capsys.readouterr().err
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
     assert main(["explain", str(bad), images[0], "--model", str(vit_folder), "--out", str(tmp_path / "o")]) == 1

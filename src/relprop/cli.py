@@ -232,15 +232,14 @@ def _safe(label: str) -> str:
 
 
 def _parse_target(value: Optional[str], labels: dict[int, str]) -> Optional[int]:
+    """``--target``: a class index, or a label name matched as the library matches it."""
+    from .explainer import label_index
+
     if value is None:
         return None
     if value.lstrip("-").isdigit():
         return int(value)
-    by_name = {name.lower(): index for index, name in labels.items()}
-    if value.lower() in by_name:
-        return by_name[value.lower()]
-    raise RelpropError(f"unknown class {value!r}; give an index or one of the model's labels "
-                       f"({', '.join(list(labels.values())[:10])}{', ...' if len(labels) > 10 else ''})")
+    return label_index(value, labels)
 
 
 def build_parser() -> argparse.ArgumentParser:
