@@ -286,11 +286,21 @@ def _extensions():
     return found, missing
 
 
+def _quiet_transformers() -> None:
+    """No weight-loading progress bars on stderr: there, the user reads relprop's own lines."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run one command; every outcome is one line on stderr and an exit code, never a traceback:
     0 done, 1 failed while working, 2 usage error (argparse's too), 130 interrupted."""
     try:
         args = build_parser().parse_args(argv)
+        _quiet_transformers()
         return args.run(args) or 0
     except RelpropError as error:
         print(f"relprop: error: {error}", file=sys.stderr)
