@@ -127,7 +127,8 @@ class Run:
 
     def check_records(self, records: Iterable[Mapping[str, Any]]) -> None:
         """Refuse if stored records of this run's samples were made from other data."""
-        changed = sorted({r["id"] for r in records if r["id"] in self.sources and r.get("src") != self.sources[r["id"]]})
+        changed = sorted({r["id"] for r in records
+                          if r["id"] in self.sources and r.get("src") != self.sources[r["id"]]})
         if changed:
             raise self.refuse(f"made from other data: the data differ for {len(changed)} samples since their results "
                               f"were stored (e.g. {', '.join(map(repr, changed[:3]))}: label, file size or "
@@ -166,9 +167,8 @@ def open_run(out_dir: str | Path, benchmark: str, model: torch.nn.Module, sample
         if existing and restart:
             _move_aside(folder, [*existing, record_path], benchmark)
             existing = []
-        run = Run(folder, benchmark, {**settings, "model_weights": weights}, "", source_fingerprints(samples),
-                  dict(provenance or {}))
-        run.cfg = settings_id(run.settings)
+        full = {**settings, "model_weights": weights}
+        run = Run(folder, benchmark, full, settings_id(full), source_fingerprints(samples), dict(provenance or {}))
         if existing:
             _check_record(run, record_path, weights, settings)
         else:  # nothing to protect: (re)start this folder's run record
