@@ -91,6 +91,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--only", nargs="+", choices=["segmentation", "perturbation", "class_specificity"],
                    help="run only these benchmarks (the report uses whatever summaries exist)")
     p.add_argument("--report-only", action="store_true", help="only rewrite the report from the stored results")
+    p.add_argument("--restart", action="store_true",
+                   help="move earlier results in --out (e.g. of other weights, or from before run records) into "
+                        "previous-<time>/ folders and start over")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the paired comparisons")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args()
@@ -328,7 +331,7 @@ def main() -> int:
 
     def timed(name: str, fn):
         folder = out / ("perturbation_" + name.split("_", 1)[1] if name.startswith("perturbation") else name)
-        resumed = any(p.stat().st_size for p in folder.glob("*.jsonl"))  # then the time is not a full run's
+        resumed = not args.restart and any(p.stat().st_size for p in folder.glob("*.jsonl"))  # not a full run
         t0 = time.perf_counter()
         result = fn()
         wall = round(time.perf_counter() - t0, 1)
@@ -345,19 +348,20 @@ def main() -> int:
         samples = fashion.canvas_segmentation(args.n, root=args.data_root)
         timed("segmentation", lambda: run_segmentation(
             model, explainer, samples, args.methods, out / "segmentation", SegmentationConfig(size, norm),
-            identity, args.batch_size, progress))
+            identity, args.batch_size, progress, args.restart))
     if "perturbation" in only:
         samples = fashion.canvas_images(args.n, root=args.data_root)
         for target in ("predicted", "true"):
             config = PerturbationConfig(image_size=size, normalization=norm, target=target)
             timed(f"perturbation_{target}", lambda: run_perturbation(
                 model, explainer, samples, args.methods, out / f"perturbation_{target}", config,
-                {**identity, "labels": "fashion-mnist"}, args.batch_size, args.forward_batch_size, progress))
+                {**identity, "labels": "fashion-mnist"}, args.batch_size, args.forward_batch_size, progress,
+                args.restart))
     if "class_specificity" in only:
         pairs = fashion.pair_samples(args.pairs, root=args.data_root)
         timed("class_specificity", lambda: run_class_specificity(
             model, explainer, pairs, args.methods, out / "class_specificity", ClassSpecificityConfig(size, norm),
-            {**identity, "data": "fashion_pairs"}, args.batch_size, progress))
+            {**identity, "data": "fashion_pairs"}, args.batch_size, progress, args.restart))
 
     report(args, out, timing, identity)
     return 0
@@ -431,4 +435,10 @@ def report(args: argparse.Namespace, out: Path, timing: dict[str, Any], identity
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from relprop.errors import RelpropError
+
+    try:
+        sys.exit(main())
+    except RelpropError as error:  # e.g. results in --out from another model: one line, not a traceback
+        print(f"vision_fashion.py: error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)

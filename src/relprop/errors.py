@@ -49,3 +49,14 @@ class RunFailure(RelpropError):
 def did_you_mean(name: str, choices) -> str:
     close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
     return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+class RunIdentityError(UsageError):
+    """An output folder that holds results of another run (other model weights, data or settings):
+    resuming would mix them, so the run is refused."""
+
+
+class Interrupted(RunFailure):
+    """A run stopped by Ctrl-C; everything it finished is kept for the rerun."""
+
+    exit_code = 130

@@ -9,6 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from relprop.cli import main
+from relprop.errors import RunIdentityError
 from relprop.eval import cli, datasets
 from relprop.eval.images import Normalization, to_unit_tensor
 from relprop.eval.metrics import perturbation_auc
@@ -121,14 +123,15 @@ def test_interrupted_run_loses_nothing(tiny_vit, image_folder, tmp_path):
     assert resumed.images == 6 * 3 - kept // 2
 
 
-def test_changed_settings_are_not_mixed_with_old_records(tiny_vit, image_folder, tmp_path):
+def test_changed_settings_are_refused_not_mixed_with_old_records(tiny_vit, image_folder, tmp_path):
     out = tmp_path / "run"
     perturb(tiny_vit, FakeExplainer(tiny_vit), image_folder, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     other = FakeExplainer(tiny_vit)
-    summary = perturb(tiny_vit, other, image_folder, out, replace=0.5)
-    assert other.images == 6 * 3
-    assert summary["results"]["bright"]["positive"]["n"] == 6
-    assert len(jsonl(out / "perturbation.jsonl")) == 2 * 36
+    with pytest.raises(RunIdentityError, match=r"the settings differ \(replace 0.0 -> 0.5\).*--restart"):
+        perturb(tiny_vit, other, image_folder, out, replace=0.5)
+    assert other.images == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
 def seg_folder(tmp_path):
@@ -203,9 +206,7 @@ def test_cli_runs_both_benchmarks(tiny_vit, image_folder, tmp_path, monkeypatch,
 
 
 def test_cli_reports_a_missing_model_clearly(tmp_path, capsys):
-    parser = argparse.ArgumentParser(prog="relprop")
-    cli.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["eval", "perturbation", "--model", str(tmp_path / "nope"), "--data", str(tmp_path),
-                              "--out", str(tmp_path / "out")])
-    assert args.run(args) == 2
-    assert "model folder not found" in capsys.readouterr().err
+    # eval.cli.run raises; relprop.cli.main prints the one line and returns the exit code
+    assert main(["eval", "perturbation", "--model", str(tmp_path / "nope"), "--data", str(tmp_path),
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "relprop: error: model folder not found" in capsys.readouterr().err

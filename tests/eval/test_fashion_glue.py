@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from relprop.datasets import CanvasConfig, make_canvas, make_pair_canvas
+from relprop.errors import UsageError
 from relprop.eval import cli, fashion
 from relprop.eval.perturbation import PerturbationConfig, run_perturbation
 from relprop.eval.segmentation import SegmentationConfig, run_segmentation
@@ -128,4 +129,5 @@ def test_cli_fashion_format_and_class_specificity(tiny_vit, fmnist_root, tmp_pat
 
     args = parser.parse_args(["eval", "perturbation", "--format", "fashion", "--labels", "model",
                               "--out", str(tmp_path / "x"), *common])
-    assert args.run(args) == 2  # labels are the dataset's own
+    with pytest.raises(UsageError, match="--labels does not apply"):  # labels are the dataset's own
+        args.run(args)

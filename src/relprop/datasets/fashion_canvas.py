@@ -73,11 +73,16 @@ def load_split(split: str, root: str | os.PathLike | None = None) -> tuple[np.nd
     return _load_cached(str(resolve_root(root)), split)
 
 
+def split_files(split: str, root: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """The (images, labels) idx files of a split, which every canvas of the split is made from."""
+    prefix = _FILE_PREFIX[split]
+    folder = resolve_root(root)
+    return folder / f"{prefix}-images-idx3-ubyte.gz", folder / f"{prefix}-labels-idx1-ubyte.gz"
+
+
 @lru_cache(maxsize=4)
 def _load_cached(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    prefix = _FILE_PREFIX[split]
-    images_path = Path(root) / f"{prefix}-images-idx3-ubyte.gz"
-    labels_path = Path(root) / f"{prefix}-labels-idx1-ubyte.gz"
+    images_path, labels_path = split_files(split, root)
     missing = [str(p) for p in (images_path, labels_path) if not p.is_file()]
     if missing:
         raise FileNotFoundError(

@@ -14,7 +14,14 @@ data is the ImageNet-segmentation file ``gtsegs_ijcv.mat`` or a folder
 pixel accuracy, IoU per class, mIoU and mAP, stored as fractions in [0, 1] (the CLI
 prints percentages, like the paper).
 
+A mask of another size than its image is not stretched onto it: that sample fails, and is
+listed with both sizes.
+
 Output folder: ``<benchmark>.jsonl`` (one fsynced record per sample, method and mode;
-a rerun skips what is there), ``<benchmark>_summary.json`` (settings, per-method results
-and the unreadable samples that were skipped) and ``perturbation.png``.
+a rerun skips what is there), ``<benchmark>_run.json`` (what the results depend on: the
+model's weight fingerprint and the settings; each record also carries its sample's data
+fingerprint), ``<benchmark>_summary.json`` (settings, per-method results and the samples
+that failed) and ``perturbation.png``. One run at a time may use a folder, and results made
+with other weights, data or settings are refused rather than mixed in; ``restart`` moves
+them into ``previous-<time>/`` (``rundir``).
 """

@@ -32,14 +32,14 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from PIL import Image
 
-from ..files import atomic_write
-from .images import Normalization, mask_to_tensor, to_unit_tensor
-from .runner import (Explainer, Failure, load_batches, model_device, pending_samples, report_non_finite, start_run,
-                     write_summary)
+from ..files import atomic_write, atomic_write_text
+from .images import Normalization, checked_mask, mask_to_tensor, to_unit_tensor
+from .report import new_figure
+from .rundir import open_run
+from .runner import (Explainer, Failure, load_batches, model_device, pending_samples, report_non_finite,
+                     require_results, write_summary)
 from .store import ResultStore
 
 
@@ -47,6 +47,7 @@ RESULTS_FILE = "class_specificity.jsonl"
 SUMMARY_FILE = "class_specificity_summary.json"
 TABLE_FILE = "class_specificity.md"
 PLOT_FILE = "class_specificity.png"
+OUTPUT_FILES = (RESULTS_FILE, SUMMARY_FILE, TABLE_FILE, PLOT_FILE)
 
 
 class PairLike(Protocol):
@@ -92,7 +93,8 @@ def _load(sample: PairLike, config: ClassSpecificityConfig):
     if label_a == label_b:
         raise ValueError(f"both items are of class {label_a}; a pair needs two classes")
     size = config.image_size
-    return (to_unit_tensor(image, size), mask_to_tensor(mask_a, size), mask_to_tensor(mask_b, size),
+    return (to_unit_tensor(image, size), mask_to_tensor(checked_mask(mask_a, image), size),
+            mask_to_tensor(checked_mask(mask_b, image), size),
             int(label_a), int(label_b))
 
 
@@ -106,13 +108,19 @@ def run_class_specificity(
     identity: Mapping[str, Any] | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    restart: bool = False,
+    provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the class-specificity test; writes summary JSON, table and plot."""
-    out_dir, settings, cfg = start_run(out_dir, identity, config)
+    """Run (or resume) the class-specificity test; writes summary JSON, table and plot.
+    ``identity``, ``restart`` and ``provenance`` as in ``perturbation.run_perturbation``."""
     device = model_device(model)
     failures: list[Failure] = []
 
-    with ResultStore(out_dir / RESULTS_FILE, ("cfg", "method", "id")) as store:
+    with (open_run(out_dir, "class_specificity", model, samples, identity, config, OUTPUT_FILES, restart,
+                   provenance) as run,
+          ResultStore(run.folder / RESULTS_FILE, ("cfg", "method", "id")) as store):
+        run.check_records(store.records.values())
+        cfg = run.cfg
         pending = pending_samples(samples, lambda s: all((cfg, m, s.id) in store for m in methods), "pairs")
         for batch, loaded in load_batches(pending, lambda s: _load(s, config), batch_size, failures,
                                           progress, desc="class specificity"):
@@ -137,16 +145,16 @@ def run_class_specificity(
                         continue
                     _, mask_a, mask_b, label_a, label_b = loaded[i]
                     records.append({
-                        "cfg": cfg, "method": method, "id": batch[i].id, "labels": [label_a, label_b],
+                        "method": method, "id": batch[i].id, "labels": [label_a, label_b],
                         "pred": int(top2[j, 0]), "top2": {label_a, label_b} <= set(top2[j].tolist()),
                         **pair_scores(maps_a[j], maps_b[j], mask_a, mask_b),
                     })
-                store.add(records)
+                store.add(run.stamp(records))
+        require_results(samples, failures, (r["id"] for r in store.records.values()))
         summary = summarise_class_specificity(store.records, [s.id for s in samples], methods, cfg)
-
-    write_summary(out_dir / SUMMARY_FILE, summary, settings, cfg, len(samples), failures)
-    (out_dir / TABLE_FILE).write_text(markdown_table(summary) + "\n", encoding="utf-8")
-    plot_class_specificity(summary, out_dir / PLOT_FILE)
+        write_summary(run.folder / SUMMARY_FILE, summary, run, len(samples), failures)
+        atomic_write_text(run.folder / TABLE_FILE, markdown_table(summary) + "\n")
+        plot_class_specificity(summary, run.folder / PLOT_FILE)
     return summary
 
 
@@ -204,8 +212,7 @@ def plot_class_specificity(summary: Mapping[str, Any], path: str | Path) -> None
     panels = (("positive_share", "positive relevance on explained item (%)", 100, None),
               ("win_rate", "explained item gets more relevance (%)", 100, 50),
               ("sensitivity", "class sensitivity (0 = class-agnostic)", 1, None))
-    fig = Figure(figsize=(15, 0.45 * max(len(methods), 1) + 1.6))
-    FigureCanvasAgg(fig)
+    fig = new_figure((15, 0.45 * max(len(methods), 1) + 1.6))
     for k, (key, title, scale, ref) in enumerate(panels, 1):
         ax = fig.add_subplot(1, 3, k)
         values = [scale * (summary["results"][m][key] or 0.0) for m in methods]

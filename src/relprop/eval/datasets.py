@@ -4,7 +4,10 @@ corrupt file fails on its own sample, where the runner reports and skips it.
 * ``image_folder``: ImageNet-style ``root/<class_dir>/<image>`` (perturbation test).
 * ``mat_segmentation``: the ImageNet-segmentation file ``gtsegs_ijcv.mat`` (MATLAB v7.3).
 * ``mask_folder``: ``root/images/NAME.ext`` with ``root/masks/NAME.png`` (mask > 0 is
-  foreground), for your own segmentation data.
+  foreground, same size as the image), for your own segmentation data.
+
+A dataset that lists no sample is an ``InputError``. Each sample names the files it is read
+from (``sources``), which the run folder's data fingerprint is made of.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from ..errors import InputError
 
 # torchvision's ImageFolder extensions, matched case-insensitively (ImageNet uses .JPEG).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"})
@@ -39,6 +44,10 @@ class LabelledImage:
     path: Path
     label: int
 
+    @property
+    def sources(self) -> tuple[Path, ...]:
+        return (self.path,)
+
     def load(self) -> Image.Image:
         return _read_rgb(self.path)
 
@@ -49,6 +58,7 @@ class SegmentationSample:
 
     id: str
     loader: Callable[[], tuple[Image.Image, np.ndarray]] = field(repr=False, compare=False)
+    sources: tuple[Path, ...] = field(default=(), repr=False, compare=False)  # files the loader reads
 
     def load(self) -> tuple[Image.Image, np.ndarray]:
         return self.loader()
@@ -58,11 +68,16 @@ def read_label_map(path: str | Path) -> dict[str, int]:
     """Folder name -> class index, from a JSON object or a text file with one name per line
     (index = line number, e.g. the 1000 ImageNet synsets in model order)."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() != ".json":
+            names = [line.strip() for line in text.splitlines() if line.strip()]
+            return {name: index for index, name in enumerate(names)}
         return {str(k): int(v) for k, v in json.loads(text).items()}
-    names = [line.strip() for line in text.splitlines() if line.strip()]
-    return {name: index for index, name in enumerate(names)}
+    except OSError as error:
+        raise InputError(f"cannot read the label map {str(path)!r}: {error.strerror or error}") from None
+    except (ValueError, AttributeError, TypeError) as error:
+        raise InputError(f"label map {str(path)!r} is not a JSON object {{folder: class index}}: {error}") from None
 
 
 def image_folder(root: str | Path, label_map: Mapping[str, int] | None = None) -> list[LabelledImage]:
@@ -74,17 +89,22 @@ def image_folder(root: str | Path, label_map: Mapping[str, int] | None = None) -
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
+        raise InputError(f"image folder not found: {root}")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir())
     if label_map is None:
         label_map = {d.name: i for i, d in enumerate(class_dirs)}
     unmapped = [d.name for d in class_dirs if d.name not in label_map]
     if unmapped:
-        raise ValueError(f"{len(unmapped)} class folders missing from the label map, e.g. {unmapped[:5]}")
+        raise InputError(f"{len(unmapped)} class folders missing from the label map, e.g. {unmapped[:5]}")
     samples = []
     for class_dir in class_dirs:
         for path in sorted(p for p in class_dir.rglob("*") if _is_image(p)):
             samples.append(LabelledImage(path.relative_to(root).as_posix(), path, label_map[class_dir.name]))
+    if not samples:
+        expected = f"expected {root}/<class>/<image>"
+        if any(_is_image(p) for p in root.iterdir()):
+            raise InputError(f"no images in the class folders of {root}: {expected}, one folder per class")
+        raise InputError(f"no images in {root}: {expected} ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     return samples
 
 
@@ -97,8 +117,10 @@ class _MatReader:
 
     def _open(self):
         if self._file is None:
-            import h5py  # optional dependency (relprop[eval])
-
+            try:
+                import h5py  # optional dependency (relprop[eval])
+            except ImportError:
+                raise InputError(f"reading {self.path.name} needs h5py: pip install h5py") from None
             self._file = h5py.File(self.path, "r")
         return self._file
 
@@ -120,13 +142,15 @@ def mat_segmentation(path: str | Path) -> list[SegmentationSample]:
     """Samples of the ImageNet-segmentation ``.mat`` file; ids are the image indices."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"segmentation file not found: {path}")
+        raise InputError(f"segmentation file not found: {path}")
     reader = _MatReader(path)
     try:
         n = len(reader)
     except (OSError, KeyError) as error:
-        raise ValueError(f"{path} is not a MATLAB v7.3 (HDF5) file with /value/img and /value/gt: {error}") from error
-    return [SegmentationSample(str(i), lambda i=i: reader(i)) for i in range(n)]
+        raise InputError(f"{path} is not a MATLAB v7.3 (HDF5) file with /value/img and /value/gt: {error}") from None
+    if n == 0:
+        raise InputError(f"no images in {path}")
+    return [SegmentationSample(str(i), lambda i=i: reader(i), (path,)) for i in range(n)]
 
 
 def mask_folder(root: str | Path) -> list[SegmentationSample]:
@@ -136,11 +160,11 @@ def mask_folder(root: str | Path) -> list[SegmentationSample]:
     root = Path(root)
     images_dir, masks_dir = root / "images", root / "masks"
     if not images_dir.is_dir() or not masks_dir.is_dir():
-        raise FileNotFoundError(f"expected {images_dir} and {masks_dir}")
+        raise InputError(f"expected the folders {images_dir} and {masks_dir} (masks: same name, any image type)")
     masks: dict[str, Path] = {}
     for mask in sorted(p for p in masks_dir.iterdir() if _is_image(p)):
         if mask.stem in masks:
-            raise ValueError(f"two masks for {mask.stem!r}: {masks[mask.stem].name}, {mask.name}")
+            raise InputError(f"two masks for {mask.stem!r}: {masks[mask.stem].name}, {mask.name}")
         masks[mask.stem] = mask
 
     def loader(image_path: Path) -> tuple[Image.Image, np.ndarray]:
@@ -153,7 +177,8 @@ def mask_folder(root: str | Path) -> list[SegmentationSample]:
                 mask = mask.convert(mask.mode[:-1])
             return _read_rgb(image_path), np.array(mask)
 
-    return [
-        SegmentationSample(p.name, lambda p=p: loader(p))
-        for p in sorted(p for p in images_dir.iterdir() if _is_image(p))
-    ]
+    samples = [SegmentationSample(p.name, lambda p=p: loader(p), (p, *([masks[p.stem]] if p.stem in masks else [])))
+               for p in sorted(p for p in images_dir.iterdir() if _is_image(p))]
+    if not samples:
+        raise InputError(f"no images in {images_dir} (one of {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return samples

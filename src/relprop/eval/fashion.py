@@ -19,22 +19,32 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from relprop.datasets.fashion_canvas import (CanvasConfig, load_split, make_canvas, make_pair_canvas,
-                                             resolve_root)
+                                             resolve_root, split_files)
 
+from ..errors import InputError
 from .datasets import SegmentationSample
 
 
+def _labels(split: str, root) -> np.ndarray:
+    """The split's labels; missing or broken files are an ``InputError`` (with the install hint)."""
+    try:
+        return load_split(split, root)[1]
+    except (OSError, ValueError) as error:  # FileNotFoundError with the install hint, a corrupt idx file
+        raise InputError(str(error)) from None
+
+
 def _ids(split: str, seed: int, n: int | None, start: int, root) -> range:
-    total = len(load_split(split, root)[1])  # fails early, with the install hint, if data are missing
+    total = len(_labels(split, root))  # fails early, with the install hint, if data are missing
     stop = total if n is None else start + n
     if not 0 <= start <= stop <= total:
-        raise ValueError(f"canvases {start}..{stop - 1} out of range for the {total} {split} items")
+        raise InputError(f"canvases {start}..{stop - 1} out of range for the {total} {split} items")
     return range(start, stop)
 
 
@@ -54,6 +64,10 @@ class CanvasImage:
     config: CanvasConfig = field(default=CanvasConfig(), repr=False)
     root: str | os.PathLike | None = field(default=None, repr=False)
 
+    @property
+    def sources(self) -> tuple[Path, ...]:
+        return split_files(self.split, self.root)
+
     def load(self) -> Image.Image:
         image, _, _ = make_canvas(self.split, self.index, self.seed, self.config, self.root)
         return Image.fromarray(image)
@@ -70,6 +84,10 @@ class PairSample:
     config: CanvasConfig = field(default=CanvasConfig(), repr=False)
     root: str | os.PathLike | None = field(default=None, repr=False)
 
+    @property
+    def sources(self) -> tuple[Path, ...]:
+        return split_files(self.split, self.root)
+
     def load(self) -> tuple[Image.Image, tuple[np.ndarray, np.ndarray], tuple[int, int]]:
         image, masks, labels = make_pair_canvas(self.split, self.index, self.seed, self.config, self.root)
         return Image.fromarray(image), masks, labels
@@ -79,7 +97,7 @@ def canvas_images(n: int | None = None, split: str = "test", seed: int = 0, conf
                   root: str | os.PathLike | None = None, start: int = 0) -> list[CanvasImage]:
     """Canvases ``start .. start + n - 1`` (all of the split when ``n`` is None), labelled
     with their item's class."""
-    labels = load_split(split, root)[1]
+    labels = _labels(split, root)
     return [CanvasImage(_sample_id(split, seed, i), int(labels[i]), split, i, seed, config, root)
             for i in _ids(split, seed, n, start, root)]
 
@@ -92,7 +110,8 @@ def canvas_segmentation(n: int | None = None, split: str = "test", seed: int = 0
         image, mask, _ = make_canvas(split, index, seed, config, root)
         return Image.fromarray(image), mask.astype(np.uint8)
 
-    return [SegmentationSample(_sample_id(split, seed, i), lambda i=i: loader(i))
+    sources = split_files(split, root)
+    return [SegmentationSample(_sample_id(split, seed, i), lambda i=i: loader(i), sources)
             for i in _ids(split, seed, n, start, root)]
 
 

@@ -3,7 +3,8 @@
 Images are resized straight to the model's input size (``Resize((H, W))``, bilinear, no
 crop), turned into [0, 1] tensors (``ToTensor``), and normalised only right before the
 model sees them, because the perturbation test removes pixels in [0, 1] space.
-Masks are resized with nearest neighbour.
+Masks are resized with nearest neighbour, together with their image; a mask of another size
+than its image is refused (``checked_mask``) rather than stretched onto it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, ImageFilter
+
+from ..errors import InputError
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,16 @@ def blurred(image: Image.Image) -> Image.Image:
     gauss = image.filter(ImageFilter.GaussianBlur(11))
     median = image.filter(ImageFilter.MedianFilter(11))
     return Image.blend(gauss, median, 0.5)
+
+
+def checked_mask(mask: np.ndarray, image: Image.Image) -> np.ndarray:
+    """``mask`` if it has ``image``'s height and width, else an ``InputError`` naming both sizes:
+    a mask resized onto another image size no longer marks the object's pixels."""
+    mask = np.asarray(mask)
+    if mask.shape[:2] != (image.height, image.width):
+        raise InputError(f"its mask is {mask.shape[0]}x{mask.shape[1]} but the image is {image.height}x{image.width} "
+                         "(height x width); a mask must have its image's size")
+    return mask
 
 
 def mask_to_tensor(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from ..loading import ModelLoadError, load_image_classifier  # noqa: F401  (re-exported)
+from ..errors import ModelLoadError, UnsupportedModelError
+from ..loading import load_image_classifier
 from .images import Normalization
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,10 @@ def read_preprocessor_config(spec: str) -> dict[str, Any]:
     if path.is_dir():
         file = path / PREPROCESSOR_FILE
         if file.is_file():
-            return json.loads(file.read_text(encoding="utf-8"))
+            try:
+                return dict(json.loads(file.read_text(encoding="utf-8")))
+            except (OSError, ValueError, TypeError) as error:
+                raise ModelLoadError(f"cannot read {file}: {error}; fix or remove it") from None
         log.warning("no %s in %s; using defaults", PREPROCESSOR_FILE, spec)
         return {}
     try:
@@ -73,5 +77,5 @@ def patch_size(model: torch.nn.Module) -> int:
         size = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     pair = _pair(size)
     if pair is None or pair[0] != pair[1]:
-        raise ValueError(f"cannot tell the (square) patch size of {type(model).__name__}")
+        raise UnsupportedModelError(f"cannot tell the (square) patch size of {type(model).__name__}")
     return pair[0]

@@ -10,6 +10,7 @@ the clean accuracy and is summarised by its AUC.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,8 +24,9 @@ from .datasets import LabelledImage
 from .images import Normalization, blurred, to_unit_tensor
 from .metrics import PERTURBATION_FRACTIONS, perturbation_auc
 from .report import plot_perturbation
+from .rundir import open_run
 from .runner import (Explainer, Explanation, Failure, load_batches, logits_function, model_device,
-                     pending_samples, predict, report_non_finite, start_run, write_summary)
+                     pending_samples, predict, report_non_finite, require_results, write_summary)
 from .store import ResultStore
 
 
@@ -32,6 +34,7 @@ MODES = ("positive", "negative")
 RESULTS_FILE = "perturbation.jsonl"
 SUMMARY_FILE = "perturbation_summary.json"
 PLOT_FILE = "perturbation.png"
+OUTPUT_FILES = (RESULTS_FILE, SUMMARY_FILE, PLOT_FILE)
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,11 @@ class PerturbationConfig:
             raise ValueError(f"rank must be 'pixel' or 'patch', got {self.rank!r}")
         if self.rank == "patch" and not self.patch_size:
             raise ValueError("rank='patch' needs patch_size")
-        if isinstance(self.replace, str) and self.replace != "blur":
-            raise ValueError(f"replace must be a number or 'blur', got {self.replace!r}")
+        if isinstance(self.replace, str):
+            if self.replace != "blur":
+                raise ValueError(f"replace must be a number in [0, 1] or 'blur', got {self.replace!r}")
+        elif not (math.isfinite(self.replace) and 0 <= self.replace <= 1):  # NaN would remove nothing visibly
+            raise ValueError(f"replace must be a number in [0, 1] (image space) or 'blur', got {self.replace!r}")
 
     def settings(self) -> dict[str, Any]:
         """Everything that changes a record's value except the method and mode."""
@@ -152,8 +158,9 @@ class _Batch:
 
 
 def _method_records(explainer: Explainer, logits_fn, method: str, batch: _Batch, needs: list[list[str]],
-                    config: PerturbationConfig, cfg: str, chunk: int, failures: list[Failure]) -> list[dict]:
-    """Explain the batch rows that still need ``method`` once, then run each pending mode."""
+                    config: PerturbationConfig, chunk: int, failures: list[Failure]) -> list[dict]:
+    """Explain the batch rows that still need ``method`` once, then run each pending mode
+    (records without the run's stamp, see ``Run.stamp``)."""
     rows = [i for i, modes in enumerate(needs) if modes]
     if not rows:
         return []
@@ -178,7 +185,7 @@ def _method_records(explainer: Explainer, logits_fn, method: str, batch: _Batch,
         for j, row_hits in zip(sel, hits):
             i = rows[j]
             records.append({
-                "cfg": cfg, "method": method, "mode": mode, "id": batch.samples[i].id,
+                "method": method, "mode": mode, "id": batch.samples[i].id,
                 "label": batch.samples[i].label, "pred": int(batch.clean[i]), "explained": int(explained[j]),
                 "clean": int(batch.clean[i] == batch.labels[i]), "hits": row_hits,
             })
@@ -196,21 +203,28 @@ def run_perturbation(
     batch_size: int = 8,
     forward_batch_size: int = 64,
     progress: bool = True,
+    restart: bool = False,
+    provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the perturbation test and write the summary JSON and plot.
 
-    ``identity`` names what the records depend on besides ``config`` (model, data, label
-    map); records made under other settings in the same ``out_dir`` are left alone.
+    ``identity`` names what the records depend on besides ``config``, the model's weights and
+    the samples' files (e.g. the data kind, the label source, method options); ``provenance``
+    what is only noted (paths). Results in ``out_dir`` made by another run are refused
+    (``RunIdentityError``) unless ``restart``, which moves them aside (see ``rundir``).
     Returns the summary.
     """
-    out_dir, settings, cfg = start_run(out_dir, identity, config)
     logits_fn = logits_function(model)
     device = model_device(model)
     failures: list[Failure] = []
 
-    with ResultStore(out_dir / RESULTS_FILE, ("cfg", "method", "mode", "id")) as store:
+    with (open_run(out_dir, "perturbation", model, samples, identity, config, OUTPUT_FILES, restart,
+                   provenance) as run,
+          ResultStore(run.folder / RESULTS_FILE, ("cfg", "method", "mode", "id")) as store):
+        run.check_records(store.records.values())
+
         def todo(sample: LabelledImage, method: str) -> list[str]:
-            return [m for m in config.modes if (cfg, method, m, sample.id) not in store]
+            return [m for m in config.modes if (run.cfg, method, m, sample.id) not in store]
 
         pending = pending_samples(samples, lambda s: not any(todo(s, m) for m in methods))
         for chunk, loaded in load_batches(pending, lambda s: _load(s, config), batch_size, failures,
@@ -224,12 +238,12 @@ def run_perturbation(
                            predict(logits_fn, config.normalization(images), forward_batch_size))
             for method in methods:
                 needs = [todo(s, method) for s in chunk]
-                store.add(_method_records(explainer, logits_fn, method, batch, needs, config, cfg,
-                                          forward_batch_size, failures))
-        summary = summarise_perturbation(store.records, [s.id for s in samples], methods, config, cfg)
-
-    write_summary(out_dir / SUMMARY_FILE, summary, settings, cfg, len(samples), failures)
-    plot_perturbation(summary, out_dir / PLOT_FILE)
+                store.add(run.stamp(_method_records(explainer, logits_fn, method, batch, needs, config,
+                                                    forward_batch_size, failures)))
+        require_results(samples, failures, (r["id"] for r in store.records.values()))
+        summary = summarise_perturbation(store.records, [s.id for s in samples], methods, config, run.cfg)
+        write_summary(run.folder / SUMMARY_FILE, summary, run, len(samples), failures)
+        plot_perturbation(summary, run.folder / PLOT_FILE)
     return summary
 
 

@@ -5,10 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
 from ..files import atomic_write
+
+
+def new_figure(figsize: tuple[float, float]) -> Any:
+    """A matplotlib Figure on its own Agg canvas. matplotlib is imported here, not with the
+    module: it costs every ``relprop`` command over a second of start-up otherwise."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def plot_perturbation(summary: dict[str, Any], path: str | Path) -> None:
@@ -16,8 +24,7 @@ def plot_perturbation(summary: dict[str, Any], path: str | Path) -> None:
     the legend)."""
     modes = sorted({mode for entries in summary["results"].values() for mode in entries},
                    key=("positive", "negative").index)
-    fig = Figure(figsize=(5.5 * max(len(modes), 1), 4.2))
-    FigureCanvasAgg(fig)
+    fig = new_figure((5.5 * max(len(modes), 1), 4.2))
     for k, mode in enumerate(modes, 1):
         ax = fig.add_subplot(1, len(modes), k)
         for method, entries in summary["results"].items():

@@ -1,13 +1,13 @@
-"""Plumbing shared by the benchmark runs: settings identity, batched loading that reports
-unreadable samples instead of dropping them, and batched model predictions."""
+"""Plumbing shared by the benchmark runs: batched loading that reports unreadable samples
+instead of dropping them, batched model predictions, and the summary (the run's folder, lock
+and identity are ``rundir``'s)."""
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -15,7 +15,9 @@ from typing import Any, Protocol, TypeVar
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import InputError
 from ..files import atomic_write_text
+from .rundir import Run
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +43,6 @@ class Explainer(Protocol):
 class Failure:
     id: str
     error: str
-
-
-def settings_id(settings: Mapping[str, Any]) -> str:
-    """Short stable hash of the settings that determine a record's value; records made
-    under other settings (model, data, preprocessing, ...) are never mixed in."""
-    blob = json.dumps(settings, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha1(blob.encode("utf-8")).hexdigest()[:12]
-
-
-def start_run(out_dir: str | Path, identity: Mapping[str, Any] | None, config: Any) -> tuple[Path, dict, str]:
-    """Create the output folder; the run's settings (identity + config) and their id."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    settings = {**(identity or {}), **config.settings()}
-    return out_dir, settings, settings_id(settings)
 
 
 def pending_samples(samples: Sequence[Any], is_done: Callable[[Any], bool], what: str = "samples") -> list[Any]:
@@ -123,10 +110,20 @@ def report_non_finite(failures: list[Failure], sample_id: str, method: str) -> N
     log.warning("skipping %s for %s: non-finite relevance map", sample_id, method)
 
 
-def write_summary(path: Path, summary: dict[str, Any], settings: Mapping[str, Any], cfg: str, n_samples: int,
+def require_results(samples: Sequence[Any], failures: Sequence[Failure], stored: Iterable[str]) -> None:
+    """Refuse a run in which every sample failed (``stored``: ids with results), instead of
+    reporting an empty success."""
+    if not samples or set(stored) & {s.id for s in samples}:
+        return
+    first = failures[0] if failures else Failure("-", "no failure recorded")
+    raise InputError(f"no sample could be evaluated: all {len(samples)} failed (e.g. {first.id}: {first.error}); "
+                     "check the data (--data) and the settings")
+
+
+def write_summary(path: Path, summary: dict[str, Any], run: Run, n_samples: int,
                   failures: Sequence[Failure]) -> dict[str, Any]:
     """Add the run's settings and failures to ``summary`` and write it atomically; returns it."""
-    summary.update(settings=settings, settings_id=cfg, samples=n_samples,
+    summary.update(settings=run.settings, settings_id=run.cfg, provenance=run.provenance, samples=n_samples,
                    failed=[{"id": f.id, "error": f.error} for f in failures])
     write_json(path, summary)
     return summary

@@ -18,16 +18,18 @@ import numpy as np
 import torch
 
 from .datasets import SegmentationSample
-from .images import Normalization, mask_to_tensor, to_unit_tensor
+from .images import Normalization, checked_mask, mask_to_tensor, to_unit_tensor
 from .metrics import (intersection_union, iou_per_class, mean_iou, pixel_accuracy, pixel_counts,
                       segmentation_ap)
-from .runner import (Explainer, Failure, load_batches, model_device, pending_samples, report_non_finite, start_run,
-                     write_summary)
+from .rundir import open_run
+from .runner import (Explainer, Failure, load_batches, model_device, pending_samples, report_non_finite,
+                     require_results, write_summary)
 from .store import ResultStore
 
 
 RESULTS_FILE = "segmentation.jsonl"
 SUMMARY_FILE = "segmentation_summary.json"
+OUTPUT_FILES = (RESULTS_FILE, SUMMARY_FILE)
 
 
 @dataclass(frozen=True)
@@ -62,7 +64,7 @@ def image_scores(relevance_map: torch.Tensor, mask: torch.Tensor) -> dict[str, A
 
 def _load(sample: SegmentationSample, config: SegmentationConfig) -> tuple[torch.Tensor, torch.Tensor]:
     image, mask = sample.load()
-    return to_unit_tensor(image, config.image_size), mask_to_tensor(mask, config.image_size)
+    return to_unit_tensor(image, config.image_size), mask_to_tensor(checked_mask(mask, image), config.image_size)
 
 
 def run_segmentation(
@@ -75,13 +77,23 @@ def run_segmentation(
     identity: Mapping[str, Any] | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    restart: bool = False,
+    provenance: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) the segmentation test and write the summary JSON; returns it."""
-    out_dir, settings, cfg = start_run(out_dir, identity, config)
+    """Run (or resume) the segmentation test and write the summary JSON; returns it.
+
+    A mask of another size than its image is not resized: that sample fails (listed in the
+    summary with both sizes). ``identity``, ``restart`` and ``provenance`` as in
+    ``run_perturbation``.
+    """
     device = model_device(model)
     failures: list[Failure] = []
 
-    with ResultStore(out_dir / RESULTS_FILE, ("cfg", "method", "id")) as store:
+    with (open_run(out_dir, "segmentation", model, samples, identity, config, OUTPUT_FILES, restart,
+                   provenance) as run,
+          ResultStore(run.folder / RESULTS_FILE, ("cfg", "method", "id")) as store):
+        run.check_records(store.records.values())
+        cfg = run.cfg
         pending = pending_samples(samples, lambda s: all((cfg, m, s.id) in store for m in methods))
         for batch, loaded in load_batches(pending, lambda s: _load(s, config), batch_size, failures,
                                           progress, desc="segmentation"):
@@ -97,12 +109,11 @@ def run_segmentation(
                     if not torch.isfinite(maps[j]).all():
                         report_non_finite(failures, batch[i].id, method)
                         continue
-                    records.append({"cfg": cfg, "method": method, "id": batch[i].id,
-                                    **image_scores(maps[j], loaded[i][1])})
-                store.add(records)
+                    records.append({"method": method, "id": batch[i].id, **image_scores(maps[j], loaded[i][1])})
+                store.add(run.stamp(records))
+        require_results(samples, failures, (r["id"] for r in store.records.values()))
         summary = summarise_segmentation(store.records, [s.id for s in samples], methods, cfg)
-
-    write_summary(out_dir / SUMMARY_FILE, summary, settings, cfg, len(samples), failures)
+        write_summary(run.folder / SUMMARY_FILE, summary, run, len(samples), failures)
     return summary
 
 

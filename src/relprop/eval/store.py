@@ -1,8 +1,10 @@
 """Append-only JSONL store of per-sample results, the unit of resumability.
 
-Every record is written as one line and fsynced before the run moves on, so an interrupted
-run keeps everything it finished; a torn final line (killed mid-write) is dropped on open.
-Records are keyed by a tuple of their fields, so a rerun skips what is already stored.
+Every batch of records is written as whole lines and fsynced before the run moves on, so an
+interrupted run keeps everything it finished; a torn final line (killed mid-write) is dropped
+on open. Records are keyed by a tuple of their fields: a rerun skips what is already stored,
+a record is never appended twice, and duplicate lines found on open (from a relprop without
+the run-folder lock) are removed from the file.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from ..files import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -46,29 +50,44 @@ class ResultStore:
                         self.path, len(data) - len(complete))
             with open(self.path, "r+b") as f:
                 f.truncate(len(complete))
+        lines, duplicates = [], 0
         for number, line in enumerate(complete.decode("utf-8", "replace").splitlines(), 1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-                self.records[self.key(record)] = record
+                key = self.key(record)
             except (ValueError, KeyError, TypeError):
                 log.warning("%s:%d: skipping an unreadable record", self.path, number)
+                lines.append(line)  # kept in the file for inspection, never counted
+                continue
+            if key in self.records:  # the first copy is the one that was there first
+                duplicates += 1
+                continue
+            self.records[key] = record
+            lines.append(line)
+        if duplicates:
+            log.warning("%s: removing %d duplicate records", self.path, duplicates)
+            atomic_write_text(self.path, "".join(line + "\n" for line in lines))
 
     def add(self, records: Iterable[Record]) -> None:
-        """Append records and make them durable (flush + fsync) before returning."""
-        records = list(records)
-        if not records:
+        """Append the records not stored yet and make them durable (flush + fsync) before
+        returning."""
+        new: dict[tuple, Record] = {}
+        for record in records:
+            key = self.key(record)
+            if key not in self.records:
+                new.setdefault(key, record)
+        if not new:
             return
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")
-        for record in records:
-            self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+        # One write of whole lines: an interruption leaves at most a torn last line, dropped on open.
+        self._file.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in new.values()))
         self._file.flush()
         os.fsync(self._file.fileno())
-        for record in records:
-            self.records[self.key(record)] = record
+        self.records.update(new)
 
     def close(self) -> None:
         if self._file is not None:
