@@ -43,6 +43,6 @@ def test_demo_bad_arguments(tmp_path):
     taken.write_text("keep me")
     assert_cli_error(run_relprop("demo", "--out", taken), 2, f"--out '{taken}' is a file, not a folder")
     assert taken.read_text() == "keep me"
-    assert_cli_error(run_relprop("demo", "--count", "0", "--out", tmp_path / "o"), 2, "--count must be at least 1")
+    assert_cli_error(run_relprop("demo", "--count", "0", "--out", tmp_path / "o"), 2, "argument --count: expected a positive integer, got '0'")
     assert_cli_error(run_relprop("demo", "--method", "bogus", "--out", tmp_path / "o"), 2, "invalid choice: 'bogus'")
     assert not (tmp_path / "o").exists()

@@ -21,14 +21,15 @@ MANIFEST = "relprop-outputs.json"
 
 
 def positive_int(text: str) -> int:
-    """argparse ``type=`` for counts and sizes (``--top-k``, ``--batch-size``): an integer >= 1,
-    else a usage error naming the value."""
+    """argparse ``type=`` for every count and size option (``--top-k``, ``--batch-size``,
+    ``--limit``, ...): an integer >= 1, else a usage error naming the value (0 or less would do
+    nothing, or silently drop samples, as ``--limit -3`` once did)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}") from None
+        value = 0
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
 
 

@@ -23,22 +23,20 @@ SENTENCES = [
 
 
 def register(subparsers) -> None:
+    from .cli import positive_int
     from .methods import method_names
 
     parser = subparsers.add_parser("demo", help="explain real test images and sentences with the bundled models")
     parser.add_argument("--out", default="relprop-demo", help="output folder (default: relprop-demo)")
-    parser.add_argument("--count", type=int, default=8, help="number of test canvases (default 8)")
+    parser.add_argument("--count", type=positive_int, default=8, help="number of test canvases (default 8)")
     parser.add_argument("--method", default="transformer_attribution", choices=method_names())
     parser.add_argument("--skip-text", action="store_true", help="images only")
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
-    from .errors import UsageError
     from .files import output_dir
 
-    if args.count < 1:
-        raise UsageError(f"--count must be at least 1, got {args.count}")
     out = output_dir(args.out)
     status = _images(out, args.count, args.method)
     if not args.skip_text:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..cli import positive_int
 from ..errors import Interrupted, UnknownMethodError, UnsupportedModelError, UsageError, did_you_mean
 from ..files import output_dir
 from . import datasets, fashion, loading
@@ -36,18 +37,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_METHODS = ("transformer_attribution", "rollout", "raw_attention", "attn_gradcam",
                    "partial_lrp", "lrp", "grad_rollout")
-
-
-def _positive_int(value: str) -> int:
-    """argparse type: an integer >= 1 (a count or size of 0 or less would do nothing, or
-    silently drop samples, as ``--limit -3`` did)."""
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
 
 
 def _replace(value: str) -> float | str:
@@ -73,11 +62,11 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                              "--out/previous-<time>/ instead of resuming")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
                         help="explanation methods (default: all seven)")
-    parser.add_argument("--limit", type=_positive_int, metavar="N",
+    parser.add_argument("--limit", type=positive_int, metavar="N",
                         help="evaluate only the first N samples (sorted order)")
-    parser.add_argument("--batch-size", type=_positive_int, default=8, metavar="N",
+    parser.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
                         help="images per explanation pass (default 8)")
-    parser.add_argument("--image-size", type=_positive_int, nargs="+", metavar="N",
+    parser.add_argument("--image-size", type=positive_int, nargs="+", metavar="N",
                         help="input H [W] (default: the model config's image_size)")
     parser.add_argument("--mean", type=float, nargs=3, help="normalisation mean (default: the model's processor)")
     parser.add_argument("--std", type=float, nargs=3, help="normalisation std (default: the model's processor)")
@@ -114,7 +103,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
                       help="rank pixels of the upsampled map (paper) or whole patches")
     pert.add_argument("--replace", type=_replace, default=0.0,
                       help="value of removed pixels in [0, 1] image space (default 0, the paper), or 'blur'")
-    pert.add_argument("--forward-batch-size", type=_positive_int, default=64, metavar="N",
+    pert.add_argument("--forward-batch-size", type=positive_int, default=64, metavar="N",
                       help="perturbed images per forward pass (default 64)")
 
     seg = sub.add_parser("segmentation", help="ImageNet-segmentation test (pixel accuracy, mIoU, mAP)",
