@@ -92,3 +92,22 @@ def write_gtsegs_mat(path, items):
             cell = refs.create_dataset(f"cell{i}", (1, 1), dtype=h5py.ref_dtype)
             cell[0, 0] = mask_ref
             gt[i, 0] = cell.ref
+
+
+def seg_folder(tmp_path, mask_size=None, broken=False):
+    """A mask folder of three 32x32 images, white object on black, with the object as mask: the
+    pixel-level intensity map of the fake "lrp" method is a perfect segmentation. ``mask_size``
+    gives o1 a mask of that size; ``broken`` adds an unreadable image."""
+    root = tmp_path / "seg"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for k in range(3):
+        mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+        mask[4 + 3 * k: 20 + k, 6: 25 - 2 * k] = 1
+        Image.fromarray(np.repeat(mask[..., None] * 255, 3, axis=2)).save(root / "images" / f"o{k}.png")
+        if k == 1 and mask_size:
+            mask = np.array(Image.fromarray(mask).resize(mask_size[::-1], Image.NEAREST))
+        Image.fromarray(mask).save(root / "masks" / f"o{k}.png")
+    if broken:
+        (root / "images" / "bad.png").write_bytes(b"\x89PNG broken")
+    return root

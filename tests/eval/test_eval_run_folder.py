@@ -10,7 +10,6 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -22,7 +21,7 @@ from relprop.eval.rundir import LOCK_FILE, folder_lock, model_fingerprint, sourc
 from relprop.eval.segmentation import SegmentationConfig, run_segmentation
 from relprop.eval.store import ResultStore
 
-from eval_fakes import IMAGE_SIZE, FakeExplainer, make_tiny_vit
+from eval_fakes import IMAGE_SIZE, FakeExplainer, make_tiny_vit, seg_folder
 
 SIZE = (IMAGE_SIZE, IMAGE_SIZE)
 METHODS = ["bright", "lrp"]
@@ -149,21 +148,6 @@ def test_store_never_holds_a_record_twice(tmp_path, caplog):
     assert "removing 1 duplicate records" in caplog.text
     assert [json.loads(line) for line in path.read_text().splitlines()] == [
         {"id": "x", "v": 1}, {"id": "y", "v": 2}, {"id": "z", "v": 4}]
-
-
-def seg_folder(tmp_path: Path, mask_size=None) -> Path:
-    """32x32 white squares on black with their masks; ``mask_size`` gives o1 a mask of that size."""
-    root = tmp_path / "seg"
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    for k in range(3):
-        mask = np.zeros(SIZE, np.uint8)
-        mask[4 + 3 * k: 20 + k, 6: 25 - 2 * k] = 1
-        Image.fromarray(np.repeat(mask[..., None] * 255, 3, axis=2)).save(root / "images" / f"o{k}.png")
-        if k == 1 and mask_size:
-            mask = np.array(Image.fromarray(mask).resize(mask_size[::-1], Image.NEAREST))
-        Image.fromarray(mask).save(root / "masks" / f"o{k}.png")
-    return root
 
 
 def test_a_mask_of_another_size_fails_its_sample(tmp_path):

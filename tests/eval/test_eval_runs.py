@@ -17,7 +17,7 @@ from relprop.eval.metrics import perturbation_auc
 from relprop.eval.perturbation import PerturbationConfig, run_perturbation
 from relprop.eval.segmentation import SegmentationConfig, run_segmentation
 
-from eval_fakes import IMAGE_SIZE, FakeExplainer, write_gtsegs_mat
+from eval_fakes import IMAGE_SIZE, FakeExplainer, seg_folder, write_gtsegs_mat
 
 METHODS = ["bright", "dark", "lrp"]
 SIZE = (IMAGE_SIZE, IMAGE_SIZE)
@@ -72,7 +72,7 @@ def test_non_finite_maps_are_reported_not_scored(tiny_vit, image_folder, tmp_pat
     broken = {"a/img0.png", "b/img0.png", "c/img0.png"}
     assert {f["id"] for f in summary["failed"] if "non-finite" in f["error"]} == broken
     assert summary["results"]["nan"]["positive"]["n"] == 3
-    seg = segment(tiny_vit, FakeExplainer(tiny_vit), datasets.mask_folder(seg_folder(tmp_path)), tmp_path / "s",
+    seg = segment(tiny_vit, FakeExplainer(tiny_vit), datasets.mask_folder(seg_folder(tmp_path, broken=True)), tmp_path / "s",
                   methods=["nan"])
     assert seg["results"]["nan"]["n"] == 1 and len(seg["failed"]) == 3  # o0, o2 broken; bad.png unreadable
 
@@ -134,28 +134,13 @@ def test_changed_settings_are_refused_not_mixed_with_old_records(tiny_vit, image
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
-def seg_folder(tmp_path):
-    """32x32 images, white object on black, with the object as mask: the pixel-level
-    intensity map of the fake "lrp" method is a perfect segmentation."""
-    root = tmp_path / "seg"
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    for k in range(3):
-        mask = np.zeros(SIZE, np.uint8)
-        mask[4 + 3 * k : 20 + k, 6 : 25 - 2 * k] = 1
-        Image.fromarray(np.repeat(mask[..., None] * 255, 3, axis=2)).save(root / "images" / f"o{k}.png")
-        Image.fromarray(mask).save(root / "masks" / f"o{k}.png")
-    (root / "images" / "bad.png").write_bytes(b"\x89PNG broken")
-    return root
-
-
 def segment(model, explainer, samples, out, methods=("bright", "lrp")):
     return run_segmentation(model, explainer, samples, list(methods), out, SegmentationConfig(SIZE),
                             identity={"model": "tiny"}, batch_size=2, progress=False)
 
 
 def test_segmentation_end_to_end_and_resume(tiny_vit, tmp_path):
-    samples = datasets.mask_folder(seg_folder(tmp_path))
+    samples = datasets.mask_folder(seg_folder(tmp_path, broken=True))
     out = tmp_path / "run"
     summary = segment(tiny_vit, FakeExplainer(tiny_vit), samples, out)
     assert [f["id"] for f in summary["failed"]] == ["bad.png"]
