@@ -127,18 +127,33 @@ def timm_style_vit():
 SRC = Path(__file__).resolve().parent.parent / "src"
 
 
-def run_relprop(*args, cwd=None, timeout=600, env=None, stdin=None):
-    """Run the real ``relprop`` command (``python -m relprop``) in a subprocess, with this
-    checkout's sources first on the path and the Hub offline."""
-    import subprocess
+def _relprop_command(args, env=None):
     import sys
 
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1",
                    "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
                    **(env or {})}
     environment.pop("RELPROP_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "relprop", *map(str, args)], cwd=cwd, env=environment,
-                          capture_output=True, text=True, timeout=timeout, input=stdin)
+    return [sys.executable, "-m", "relprop", *map(str, args)], environment
+
+
+def run_relprop(*args, cwd=None, timeout=600, env=None, stdin=None):
+    """Run the real ``relprop`` command (``python -m relprop``) in a subprocess, with this
+    checkout's sources first on the path and the Hub offline."""
+    import subprocess
+
+    command, environment = _relprop_command(args, env)
+    return subprocess.run(command, cwd=cwd, env=environment, capture_output=True, text=True, timeout=timeout,
+                          input=stdin)
+
+
+def run_relprop_many(commands, timeout=600):
+    """`run_relprop` for each argument list in ``commands``, several at a time (each process
+    spends most of its time importing torch); results in the same order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        return list(pool.map(lambda args: run_relprop(*args, timeout=timeout), commands))
 
 
 def assert_cli_error(result, code: int, *phrases: str) -> str:

@@ -16,7 +16,7 @@ from PIL import Image
 from relprop.cli import main, output_labels, positive_int
 from relprop.errors import InputError, ModelLoadError
 from relprop.loading import ImagePreprocessor, load_image_classifier, load_text_classifier, read_image
-from tests.conftest import hf_folder
+from tests.conftest import assert_cli_error, hf_folder, run_relprop_many
 
 PLAIN_WORDS = "[PAD] [UNK] [CLS] [SEP] [MASK] the a movie film was good bad and i liked it , . : / 1 0 10".split()
 
@@ -107,14 +107,16 @@ def test_output_labels_are_stems_when_unique_then_longer_as_needed():
 
 # --- arguments (item 4) ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("option, value", [("--top-k", "0"), ("--top-k", "-2"), ("--batch-size", "-1"),
-                                           ("--batch-size", "0"), ("--batch-size", "two")])
-def test_counts_below_one_are_one_line_usage_errors(capsys, option, value):
-    with pytest.raises(SystemExit) as stop:
-        main(["explain", "x.png", "--model", "m", option, value])
-    err = capsys.readouterr().err
-    assert stop.value.code == 2 and len(err.strip().splitlines()) == 1
-    assert f"argument {option}:" in err and value in err and "--help" in err
+def test_counts_below_one_are_one_line_usage_errors(tmp_path):
+    cases = [("--top-k", "0"), ("--top-k", "-2"), ("--batch-size", "-1"), ("--batch-size", "0"),
+             ("--batch-size", "two")]
+    results = run_relprop_many([["explain", "x.png", "--model", "m", option, value, "--out", tmp_path / "o"]
+                                for option, value in cases])
+    for (option, value), result in zip(cases, results):
+        err = assert_cli_error(result, 2, f"argument {option}: expected a positive integer, got '{value}'",
+                               "--help")
+        assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_positive_int_accepts_counts():
