@@ -16,6 +16,15 @@ def test_methods_registered():
                                 "partial_lrp", "lrp", "grad_rollout"}
 
 
+def test_methods_function_does_not_shadow_a_subpackage():
+    import importlib
+
+    import relprop
+    # relprop.methods() is the discovery function; the method modules live in relprop.attributions
+    assert callable(relprop.methods) and relprop.methods() == relprop.attributions.method_names()
+    assert importlib.import_module("relprop.attributions.rollout").__name__ == "relprop.attributions.rollout"
+
+
 # -- batch = per sample --------------------------------------------------------------------
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_vit_batch_equals_single(vit_model, vit_inputs, method):

@@ -5,7 +5,7 @@ CVPR 2021) and the baselines it compares against, on Hugging Face and timm model
 """
 from .errors import InputError, OptionError, RelpropError, UnknownMethodError, UnsupportedModelError
 from .explainer import Explainer
-from .methods import method_names as methods
+from .attributions import method_names as methods  # the function; the subpackage is relprop.attributions
 from .result import Explanation, Internals, normalize
 
 __version__ = "0.1.0"

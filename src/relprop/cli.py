@@ -244,7 +244,7 @@ def _parse_target(value: Optional[str], labels: dict[int, str]) -> Optional[int]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .methods import method_names
+    from .attributions import method_names
 
     parser = ArgumentParser(prog="relprop", description="Explain Transformer classifiers "
                             "(Chefer, Gur & Wolf, CVPR 2021, and its baselines).")

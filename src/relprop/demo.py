@@ -24,7 +24,7 @@ SENTENCES = [
 
 def register(subparsers) -> None:
     from .cli import positive_int
-    from .methods import method_names
+    from .attributions import method_names
 
     parser = subparsers.add_parser("demo", help="explain real test images and sentences with the bundled models")
     parser.add_argument("--out", default="relprop-demo", help="output folder (default: relprop-demo)")

@@ -11,8 +11,8 @@ from . import engine
 from .adapters import adapt
 from .adapters.base import labels_of
 from .errors import InputError, OptionError, UnsupportedModelError, did_you_mean
-from .methods import Trace, get_method
-from .methods.base import resolve_options
+from .attributions import Trace, get_method
+from .attributions.base import resolve_options
 from .result import Explanation, Internals
 from .rules import get_rule_set
 

@@ -8,7 +8,7 @@ BUNDLED = "minilm-sst2"
 
 
 def register(subparsers) -> None:
-    from ..methods import method_names
+    from ..attributions import method_names
 
     parser = subparsers.add_parser("explain-text", help="explain a text classification, word by word")
     source = parser.add_mutually_exclusive_group(required=True)
