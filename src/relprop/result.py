@@ -19,14 +19,37 @@ class Internals:
     attention_relevance: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """Min-max normalise each sample to [0, 1]; a constant map becomes all zeros."""
+def normalize(x: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Min-max normalise each sample (the first dimension) to [0, 1].
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        [B, ...] maps.
+    keep : torch.Tensor, optional
+        Bool, the shape of ``x``: the entries whose minimum and maximum count (e.g. real
+        tokens, not padding); the others get the same affine map and are not clipped.
+
+    Returns
+    -------
+    torch.Tensor
+        The normalised maps. A constant map (or one with no kept entry) becomes all zeros; a map
+        holding NaN or inf stays non-finite, so a broken map is never mistaken for a flat one.
+    """
     flat = x.flatten(1)
-    low, high = flat.min(dim=1, keepdim=True).values, flat.max(dim=1, keepdim=True).values
-    span = high - low
-    out = torch.where(span > 0, (flat - low) / torch.where(span > 0, span, torch.ones_like(span)),
-                      torch.zeros_like(flat))
-    return out.reshape(x.shape)
+    if keep is None:
+        low, high = flat.min(dim=1).values, flat.max(dim=1).values
+        empty = torch.zeros_like(low, dtype=torch.bool)
+    else:
+        mask = keep.expand_as(x).flatten(1)
+        low = flat.masked_fill(~mask, float("inf")).min(dim=1).values
+        high = flat.masked_fill(~mask, float("-inf")).max(dim=1).values
+        empty = ~mask.any(dim=1)
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    flat_map = ((high - low) == 0) | empty
+    low = torch.where(empty, torch.zeros_like(low), low).reshape(shape)
+    span = torch.where(flat_map, torch.ones_like(high), high - low.flatten()).reshape(shape)
+    return torch.where(flat_map.reshape(shape), torch.zeros_like(x), (x - low) / span)
 
 
 @dataclass
@@ -76,10 +99,4 @@ class Explanation:
         """Relevance min-max normalised per sample (padding ignored for text)."""
         if self.mask is None:
             return normalize(self.relevance)
-        masked = self.relevance.masked_fill(~self.mask, float("nan"))
-        low = torch.nan_to_num(masked, nan=float("inf")).min(dim=1, keepdim=True).values
-        high = torch.nan_to_num(masked, nan=float("-inf")).max(dim=1, keepdim=True).values
-        span = high - low
-        out = torch.where(span > 0, (self.relevance - low) / torch.where(span > 0, span, torch.ones_like(span)),
-                          torch.zeros_like(self.relevance))
-        return out.masked_fill(~self.mask, 0)
+        return normalize(self.relevance, self.mask).masked_fill(~self.mask, 0)

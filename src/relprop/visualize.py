@@ -15,9 +15,9 @@ def heatmap_rgb(relevance, colormap: str = "jet") -> np.ndarray:
     """[H, W] map -> [H, W, 3] uint8 colours after min-max normalisation."""
     from matplotlib import colormaps
 
-    values = _to_numpy(relevance).astype(np.float64)
-    span = values.max() - values.min()
-    values = (values - values.min()) / span if span > 0 else np.zeros_like(values)
+    from .result import normalize
+
+    values = normalize(torch.as_tensor(_to_numpy(relevance), dtype=torch.float64)[None])[0].numpy()
     return (colormaps[colormap](values)[..., :3] * 255).astype(np.uint8)
 
 

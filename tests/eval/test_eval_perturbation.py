@@ -3,8 +3,9 @@ import torch
 
 from relprop.eval.images import Normalization
 from relprop.eval.metrics import PERTURBATION_FRACTIONS
-from relprop.eval.perturbation import (PerturbationConfig, minmax, perturbed_predictions, ranking_scores,
+from relprop.eval.perturbation import (PerturbationConfig, perturbed_predictions, ranking_scores,
                                        removal_masks)
+from relprop.result import normalize
 
 from eval_fakes import IMAGE_SIZE, PATCH, FakeExplainer
 
@@ -34,13 +35,13 @@ def test_patch_ranking_removes_whole_patches():
     assert masks.tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0], [1, 1, 0, 0]]
 
 
-def test_minmax_guards_constant_maps():
+def test_normalize_guards_constant_maps():
     maps = torch.stack([torch.full((2, 2), 3.0), torch.tensor([[1.0, 3.0], [2.0, 5.0]])])
-    out = minmax(maps)
+    out = normalize(maps)
     assert out[0].tolist() == [[0, 0], [0, 0]]
     assert out[1].tolist() == [[0, 0.5], [0.25, 1]]
     # a broken map is not disguised as a constant one
-    assert minmax(torch.tensor([[[float("nan"), 1.0]]])).isnan().all()
+    assert normalize(torch.tensor([[[float("nan"), 1.0]]])).isnan().all()
 
 
 def test_pixel_level_map_pooled_for_patch_ranking(tiny_vit):
@@ -58,7 +59,7 @@ def test_pixel_level_map_pooled_for_patch_ranking(tiny_vit):
 def test_batched_predictions_equal_the_authors_per_step_loop(tiny_vit):
     torch.manual_seed(1)
     images = torch.rand(3, 3, IMAGE_SIZE, IMAGE_SIZE)
-    vis = minmax(torch.rand(3, IMAGE_SIZE, IMAGE_SIZE))
+    vis = normalize(torch.rand(3, IMAGE_SIZE, IMAGE_SIZE))
     norm = Normalization((0.4, 0.5, 0.6), (0.2, 0.3, 0.4))
     logits_fn = lambda x: tiny_vit(pixel_values=x).logits  # noqa: E731
     for negative in (False, True):

@@ -4,20 +4,10 @@ from __future__ import annotations
 import torch
 
 from ..errors import OptionError
+from ..result import normalize as normalize_maps
 from .base import Method, Requirements, register
 
 SCOPES = ("cls_row", "matrix")
-
-
-def min_max(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Min-max normalise each sample over the entries ``keep``; constant maps become 0."""
-    flat, mask = x.flatten(1), keep.flatten(1)
-    low = flat.masked_fill(~mask, float("inf")).min(dim=1).values
-    high = flat.masked_fill(~mask, float("-inf")).max(dim=1).values
-    span = (high - low).reshape(-1, *([1] * (x.dim() - 1)))
-    low = low.reshape(span.shape)
-    return torch.where(span > 0, (x - low) / torch.where(span > 0, span, torch.ones_like(span)),
-                       torch.zeros_like(x))
 
 
 @register
@@ -49,10 +39,10 @@ class AttnGradCAM(Method):
             grad_row = trace.row(grad, last)                                  # [B, H, N]
             weights = (grad_row * content[:, None]).sum(-1) / content.sum(-1)[:, None]
             cam = (trace.row(attention, last) * weights[..., None]).mean(dim=1).clamp(min=0)
-            return min_max(cam, content) if normalize else cam
+            return normalize_maps(cam, content) if normalize else cam
         pair = trace.valid[:, :, None] & trace.valid[:, None, :]             # [B, N, N]
         weights = (grad * pair[:, None]).sum((-1, -2)) / pair.sum((-1, -2))[:, None]
         cam = (attention * weights[..., None, None]).mean(dim=1).clamp(min=0)
         if normalize:
-            cam = min_max(cam, pair)
+            cam = normalize_maps(cam, pair)
         return cam[:, trace.token]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..result import normalize
 from .datasets import LabelledImage
 from .images import Normalization, blurred, to_unit_tensor
 from .metrics import PERTURBATION_FRACTIONS, perturbation_auc
@@ -74,16 +75,6 @@ class PerturbationConfig:
         return settings
 
 
-def minmax(maps: torch.Tensor) -> torch.Tensor:
-    """Per-map min-max normalisation to [0, 1]; a constant map becomes zeros instead of
-    the 0/0 NaNs of the authors' script. Non-finite maps stay non-finite (see ``run``)."""
-    flat = maps.flatten(1)
-    lo = flat.min(dim=1, keepdim=True).values
-    span = flat.max(dim=1, keepdim=True).values - lo
-    out = torch.where(span == 0, 0, (flat - lo) / torch.where(span == 0, 1, span))
-    return out.reshape(maps.shape)
-
-
 def ranking_scores(res: Explanation, config: PerturbationConfig) -> torch.Tensor:
     """[B, h, w] normalised scores to rank: the upsampled map (pixels) or the patch grid."""
     height, width = config.image_size
@@ -99,7 +90,7 @@ def ranking_scores(res: Explanation, config: PerturbationConfig) -> torch.Tensor
             scores = relevance.reshape(-1, *grid)
         else:  # pixel-level map: a patch scores the mean of its pixels
             scores = F.avg_pool2d(relevance[:, None].float(), p)[:, 0]
-    return minmax(scores.detach().float())
+    return normalize(scores.detach().float())  # a constant map -> zeros, unlike the authors' 0/0 NaNs
 
 
 def removal_masks(scores: torch.Tensor, fractions: Sequence[float], negative: bool,
