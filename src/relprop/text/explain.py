@@ -91,10 +91,38 @@ def explain_text(explainer, tokenizer, texts: str | Sequence[str], method: str =
                  batch_size: int = 16, **options) -> list[TextExplanation]:
     """Explain raw texts with a Hugging Face text classifier and its (fast) tokenizer.
 
-    ``long_text="truncate"`` explains the first ``max_length`` tokens and warns;
-    ``"windows"`` explains overlapping windows of ``max_length`` tokens (stride
-    ``window_stride``, default half a window), each with the same target, and averages each
-    token's relevance over the windows that contain it (the logits are the windows' mean).
+    Parameters
+    ----------
+    explainer : relprop.Explainer
+        An explainer of a supported text classifier.
+    tokenizer : transformers.PreTrainedTokenizerFast
+        The model's tokenizer (a fast one: offsets and word ids map sub-words back to words).
+    texts : str or sequence of str
+        One text or several; several are explained in padded batches of ``batch_size``.
+    method : str
+        One of `relprop.methods()`.
+    target : None, int, str, or a sequence of them
+        None explains each text's predicted class; a class index or label name
+        (``config.id2label``, e.g. ``"positive"``) the same class for every text; or one per text.
+    aggregate : {"max", "sum"}
+        How a word's relevance is made from its sub-words' (the paper's pipeline: max).
+    long_text : {"truncate", "windows"}
+        ``"truncate"`` explains the first ``max_length`` tokens and warns; ``"windows"``
+        explains overlapping windows of ``max_length`` tokens (stride ``window_stride``,
+        default half a window), each with the same target, and averages each token's
+        relevance over the windows that contain it (the logits are the windows' mean).
+    window_stride : int, optional
+        Tokens between window starts, with ``long_text="windows"``.
+    batch_size : int
+        Texts per explanation pass.
+    **options
+        The method's options.
+
+    Returns
+    -------
+    list of TextExplanation
+        One per text: words with character offsets and relevance, the sub-word tokens and
+        their relevance, the explained class and the class probabilities.
     """
     if isinstance(texts, str):
         texts = [texts]
