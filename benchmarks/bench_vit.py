@@ -246,7 +246,8 @@ def main() -> None:
         return
     model = build_model().to(args.device)
     names = ["forward+backward"] + args.methods
-    results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "device": args.device, "rows": []}
+    results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "device": args.device,
+               "load_average_before": os.getloadavg(), "rows": []}   # the machine's other work, 1/5/15 min
     reference_lrp = None
     if args.reference:
         results["reference"] = {"code": "github.com/hila-chefer/Transformer-Explainability",
@@ -280,6 +281,7 @@ def main() -> None:
                 row.update(peak_mib=mem / 2**20, memory_ratio=mem / base_mem)
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
+    results["load_average_after"] = os.getloadavg()
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as handle:
