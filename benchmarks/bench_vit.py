@@ -7,12 +7,23 @@ own gradient computation costs) and each method, at batch 1 and 8. Peak memory i
 per configuration in a fresh subprocess (peak resident set size above the loaded model); on a
 GPU (``--device cuda``) as the peak of allocated device memory above the loaded model, in process.
 
+``--reference PATH`` (a local checkout of github.com/hila-chefer/Transformer-Explainability; it
+is imported from there at run time, never copied into this repository; it needs ``einops``)
+adds the authors' ``LRP.generate_LRP`` (method ``transformer_attribution``, their default
+start layer 0, as relprop's) on their ViT holding the same weights, to the same interleaved
+loop. Their code explains one image per call, so a batch of B is timed as B single-image
+calls. Before timing, the run checks on one image that their logits and map equal the Hugging
+Face model's and relprop's (float32, and float64 where the LRP map is well conditioned).
+
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_vit.py --repeats 5 --out benchmarks/results/vit_b16.json
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_vit.py --repeats 5 --reference ../Transformer-Explainability \
+        --out benchmarks/results/vit_b16.json
     python benchmarks/bench_vit.py --device cuda --batches 1 8 32 --out benchmarks/results/vit_b16_cuda.json
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -22,6 +33,7 @@ import time
 
 import torch
 
+REFERENCE = "reference generate_LRP (authors' code)"
 METHODS = ["transformer_attribution", "rollout", "raw_attention", "attn_gradcam", "partial_lrp", "lrp", "grad_rollout"]
 
 
@@ -34,7 +46,115 @@ def build_model():
     return ViTForImageClassification(config).eval()
 
 
-def make_runner(model, name, batch):
+def load_reference(path: str):
+    """The authors' ``VisionTransformer`` class and ``LRP`` explainer, imported from their checkout."""
+    root = os.path.abspath(path)
+    if not os.path.isfile(os.path.join(root, "baselines", "ViT", "ViT_LRP.py")):
+        raise SystemExit(f"--reference {path}: no baselines/ViT/ViT_LRP.py there; pass a local checkout of "
+                         "github.com/hila-chefer/Transformer-Explainability")
+    if root not in sys.path:
+        sys.path.append(root)       # appended: their top-level names never shadow installed packages
+    try:
+        from baselines.ViT.ViT_explanation_generator import LRP
+        from baselines.ViT.ViT_LRP import VisionTransformer
+    except ModuleNotFoundError as error:
+        raise SystemExit(f"--reference: the authors' code needs the package {error.name!r}; "
+                         f"install it (pip install {error.name}) or run without --reference") from None
+    return VisionTransformer, LRP
+
+
+def reference_model(model, vision_transformer_class, dtype=torch.float32):
+    """The authors' ViT holding the weights of ``model`` (a Hugging Face ``ViTForImageClassification``,
+    transformers 5 parameter names), in eval mode, on its device, in ``dtype``."""
+    config = model.config
+    if config.hidden_act != "gelu":
+        raise SystemExit(f"--reference: the authors' ViT uses exact GELU; this model uses {config.hidden_act!r}")
+    reference = vision_transformer_class(
+        img_size=config.image_size, patch_size=config.patch_size, in_chans=config.num_channels,
+        num_classes=config.num_labels, embed_dim=config.hidden_size, depth=config.num_hidden_layers,
+        num_heads=config.num_attention_heads, mlp_ratio=config.intermediate_size / config.hidden_size,
+        qkv_bias=config.qkv_bias)
+    for module in reference.modules():     # theirs are fixed at 1e-6 in the blocks and 1e-5 at the end
+        if isinstance(module, torch.nn.LayerNorm):
+            module.eps = config.layer_norm_eps
+    hf = model.state_dict()
+    weights = {"cls_token": hf["vit.embeddings.cls_token"], "pos_embed": hf["vit.embeddings.position_embeddings"]}
+    pairs = [("patch_embed.proj", "vit.embeddings.patch_embeddings.projection"), ("norm", "vit.layernorm"),
+             ("head", "classifier")]
+    for i in range(config.num_hidden_layers):
+        theirs, ours = f"blocks.{i}.", f"vit.layers.{i}."
+        pairs += [(theirs + "attn.proj", ours + "attention.o_proj"), (theirs + "norm1", ours + "layernorm_before"),
+                  (theirs + "norm2", ours + "layernorm_after"), (theirs + "mlp.fc1", ours + "mlp.fc1"),
+                  (theirs + "mlp.fc2", ours + "mlp.fc2")]
+        for part in ("weight", "bias"):    # fused qkv: rows [q; k; v], heads contiguous within each
+            weights[f"{theirs}attn.qkv.{part}"] = torch.cat([hf[f"{ours}attention.{n}_proj.{part}"] for n in "qkv"])
+    for theirs, ours in pairs:
+        for part in ("weight", "bias"):
+            weights[f"{theirs}.{part}"] = hf[f"{ours}.{part}"]
+    reference.load_state_dict(weights)     # strict: every parameter of theirs is set, none left over
+    return reference.to(device=next(model.parameters()).device, dtype=dtype).eval()
+
+
+@contextlib.contextmanager
+def cuda_call_kept_on_cpu(device: torch.device):
+    """The authors' ``generate_LRP`` moves its one-hot target with ``.cuda()`` whatever the device; on a
+    CPU run that call leaves the tensor where it is (nothing else of theirs needs a GPU)."""
+    if device.type == "cuda":
+        yield
+        return
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda tensor, *args, **kwargs: tensor
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+def reference_explain(reference_lrp, image, target: int):
+    """The authors' map (their ``transformer_attribution`` with their default start layer 0, which
+    is relprop's vision default too) for one image [1, C, H, W]."""
+    with cuda_call_kept_on_cpu(image.device):
+        return reference_lrp.generate_LRP(image, index=target, method="transformer_attribution", start_layer=0)
+
+
+def check_reference(model, reference_path: str) -> dict:
+    """On one image: the authors' logits against the Hugging Face model's and their map against
+    relprop's ``transformer_attribution``, in float32 (what is timed) and float64 (the float32 LRP
+    map is ill-conditioned, see the README's Correctness section)."""
+    import copy
+
+    import relprop
+
+    vision_transformer_class, lrp_class = load_reference(reference_path)
+    device = next(model.parameters()).device
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(1)).to(device)
+    target = 0                              # the class the batch-1 timing explains
+    check = {"target": target}
+    for dtype in (torch.float32, torch.float64):
+        ours = model if dtype == torch.float32 else copy.deepcopy(model).to(dtype)
+        theirs = lrp_class(reference_model(model, vision_transformer_class, dtype))
+        with torch.no_grad():
+            our_logits = ours(pixel_values=x.to(dtype)).logits
+        their_logits = theirs.model(x.to(dtype)).detach()     # their forward registers gradient hooks
+        our_map = relprop.Explainer(ours).explain(x.to(dtype), "transformer_attribution", target=target,
+                                                  start_layer=0).relevance
+        their_map = reference_explain(theirs, x.to(dtype), target)
+        name = str(dtype).removeprefix("torch.")
+        check[name] = {"logits_max_abs_diff": (our_logits - their_logits).abs().max().item(),
+                       "logits_max_abs": our_logits.abs().max().item(),
+                       "map_max_abs_diff_rel": ((our_map - their_map).abs().max() / our_map.abs().max()).item()}
+        print(f"reference check {name}: {json.dumps(check[name])}", flush=True)
+    return check
+
+
+def reference_commit(path: str) -> str | None:
+    out = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def make_runner(model, name, batch, reference_lrp=None):
+    """A call that runs ``name`` once on a batch; ``reference_lrp`` (the authors' LRP explainer on the
+    same weights) is needed for the reference row."""
     import relprop
 
     device = next(model.parameters()).device
@@ -44,6 +164,12 @@ def make_runner(model, name, batch):
         def run():
             model.zero_grad(set_to_none=True)
             model(pixel_values=x).logits.gather(1, target[:, None]).sum().backward()
+    elif name == REFERENCE:
+        targets = target.tolist()
+
+        def run():                          # their code explains one image per call
+            for i, image_target in enumerate(targets):
+                reference_explain(reference_lrp, x[i:i + 1], image_target)
     else:
         explainer = relprop.Explainer(model)
 
@@ -58,9 +184,9 @@ def make_runner(model, name, batch):
     return run_synchronized
 
 
-def measure_cuda_memory(model, name: str, batch: int) -> int:
+def measure_cuda_memory(model, name: str, batch: int, reference_lrp=None) -> int:
     """Peak allocated device memory of one call above what was allocated before it (the model)."""
-    run = make_runner(model, name, batch)
+    run = make_runner(model, name, batch, reference_lrp)
     run()
     model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
@@ -78,18 +204,27 @@ def _rss(field: str) -> int:
     raise RuntimeError(field)
 
 
-def peak_memory_child(name: str, batch: int) -> None:
+def reference_lrp_for(model, reference_path: str):
+    """The authors' LRP explainer on their ViT holding ``model``'s weights."""
+    vision_transformer_class, lrp_class = load_reference(reference_path)
+    return lrp_class(reference_model(model, vision_transformer_class))
+
+
+def peak_memory_child(name: str, batch: int, reference_path: str | None) -> None:
     model = build_model()
-    run = make_runner(model, name, batch)
+    reference_lrp = reference_lrp_for(model, reference_path) if name == REFERENCE else None
+    run = make_runner(model, name, batch, reference_lrp)      # both models are loaded before `before`
     before = _rss("VmRSS:")
     run()
     run()
     print(json.dumps({"peak_bytes": _rss("VmHWM:") - before}))
 
 
-def measure_memory(name: str, batch: int) -> int:
-    out = subprocess.run([sys.executable, __file__, "--memory-child", name, str(batch)], capture_output=True,
-                         text=True, check=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+def measure_memory(name: str, batch: int, reference_path: str | None = None) -> int:
+    reference = ["--reference", reference_path] if name == REFERENCE else []
+    out = subprocess.run([sys.executable, __file__, "--memory-child", name, str(batch), *reference],
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
@@ -100,22 +235,33 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--reference", metavar="PATH",
+                        help="local checkout of github.com/hila-chefer/Transformer-Explainability: "
+                             "also time the authors' generate_LRP on the same weights")
     parser.add_argument("--out")
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        peak_memory_child(args.memory_child[0], int(args.memory_child[1]))
+        peak_memory_child(args.memory_child[0], int(args.memory_child[1]), args.reference)
         return
     model = build_model().to(args.device)
     names = ["forward+backward"] + args.methods
-    results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "device": args.device, "rows": []}
+    results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "device": args.device,
+               "load_average_before": os.getloadavg(), "rows": []}   # the machine's other work, 1/5/15 min
+    reference_lrp = None
+    if args.reference:
+        results["reference"] = {"code": "github.com/hila-chefer/Transformer-Explainability",
+                                "commit": reference_commit(args.reference),
+                                "check": check_reference(model, args.reference)}
+        reference_lrp = reference_lrp_for(model, args.reference)
+        names.append(REFERENCE)
     if args.device.startswith("cuda"):
         results["gpu"] = torch.cuda.get_device_name()
-        memory = lambda name, batch: measure_cuda_memory(model, name, batch)  # noqa: E731
+        memory = lambda name, batch: measure_cuda_memory(model, name, batch, reference_lrp)  # noqa: E731
     else:
-        memory = measure_memory
+        memory = lambda name, batch: measure_memory(name, batch, args.reference)  # noqa: E731
     for batch in args.batches:
-        runners = {name: make_runner(model, name, batch) for name in names}
+        runners = {name: make_runner(model, name, batch, reference_lrp) for name in names}
         for run in runners.values():       # warm-up
             run()
         times = {name: [] for name in names}
@@ -135,6 +281,7 @@ def main() -> None:
                 row.update(peak_mib=mem / 2**20, memory_ratio=mem / base_mem)
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
+    results["load_average_after"] = os.getloadavg()
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as handle:
