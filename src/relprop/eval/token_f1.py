@@ -1,12 +1,45 @@
 """ERASER token-level rationale agreement: top-k words by relevance vs. human rationales.
 
 As in the paper's movie-review experiment, the predicted rationale of a document is its k
-most relevant words, for k in 10, 20, ..., 80. Scoring follows ERASER's ``token_prf``
-(``score_hard_rationale_predictions`` on token-level rationales): per document,
-precision = |pred & gold| / |pred| and recall = |pred & gold| / |gold| (0 when the
-denominator is 0), F1 = 0 if P or R is 0, else their harmonic mean. "macro" averages the
-per-document P, R and F1 separately over documents (so macro F1 is not the F1 of macro P/R);
-a document with neither gold nor predicted tokens is not counted. "micro" pools the counts.
+most relevant words. Scoring follows ERASER's ``token_prf`` (``score_hard_rationale_predictions``
+on token-level rationales): per document, precision = |pred & gold| / |pred| and
+recall = |pred & gold| / |gold| (0 when the denominator is 0), F1 = 0 if P or R is 0, else their
+harmonic mean. "macro" averages the per-document P, R and F1 separately over documents (so
+macro F1 is not the F1 of macro P/R); a document with neither gold nor predicted tokens is not
+counted. "micro" pools the counts.
+
+The selection follows the authors' script (``BERT_rationale_benchmark/models/pipeline/
+bert_pipeline.py`` in hila-chefer/Transformer-Explainability), which for each test document
+
+1. clamps the word-piece relevance at 0 (``cam_target.clamp(min=0)``, line 552);
+2. gives each whitespace word the max over its word pieces (line 563,
+   ``scores_per_word_from_scores_per_token``; words cut off at 512 pieces get no score);
+3. for k = 5, 10, ..., 80 (``range(5, 85, 5)``, lines 453 and 567) takes ``cam.topk(k)``,
+   appending the indices (line 569) to a list created once per document (line 566), so the
+   prediction written for k also holds every word chosen for a smaller k (lines 570-582).
+
+Defaults here: ``clip_negative=True`` and ``DEFAULT_KS`` = 5, 10, ..., 80 (steps 1 and 3).
+Because max and clamping at 0 commute (max_i max(x_i, 0) = max(max_i x_i, 0)), clipping the
+max-aggregated word scores, as this module does, selects exactly the words the authors' piece-
+level clamp selects. With ``word_relevance(..., reduce="sum")`` the clip applies to the sum;
+clip the pieces yourself first (``np.maximum(pieces, 0)``) for the other order.
+
+Ties. The clip makes every non-positive word tie at 0, so whenever a document has fewer than k
+positive words, the tie rule decides which zero-scored words fill the top k. ``torch.topk``
+does not specify which of tied elements it returns (PyTorch's documentation: "the indices of
+tied elements are not guaranteed to be stable"); on CPU it returns an implementation-dependent
+subset, and the subset for k = 5 need not lie inside the one for k = 10. relprop instead
+ranks by a stable sort on decreasing score (``ties="first"``): a tie goes to the word that comes
+first in the document, the same for every k, so the top-j words are always among the top-k
+(j < k). ``ties="torch"`` calls ``torch.topk`` on float32 scores as the authors' script does, to
+reproduce its selection (only as stable as ``torch.topk`` itself across versions and devices).
+
+Carry-over. ``carry_over=True`` keeps the words chosen for every smaller k in ``ks`` in the
+prediction at k, the quirk of the authors' loop (the prediction may then hold more than k
+words). It is off by default: it is an artefact, not part of the protocol the paper
+describes. Under ``ties="first"`` the selections are nested, so it changes nothing; under
+``ties="torch"`` it can add tied (typically zero-scored) words.
+For positive, untied scores every setting selects the same words.
 
 Relevance arrays hold one score per document word; NaN marks words without a score (e.g.
 cut off by the model's length limit), which are never selected but still count as gold.
@@ -18,17 +51,66 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-DEFAULT_KS = tuple(range(10, 90, 10))
+DEFAULT_KS = tuple(range(5, 85, 5))
+TieRule = Literal["first", "torch"]
 
 
-def top_k_mask(relevance: np.ndarray, k: int) -> np.ndarray:
-    """Boolean mask of the k highest-scoring words; ties go to the earlier word; NaN never."""
+def top_k_mask(relevance: np.ndarray, k: int, ties: TieRule = "first") -> np.ndarray:
+    """Boolean mask of the k highest-scoring words (all scored words if fewer); NaN never.
+
+    Parameters
+    ----------
+    relevance : one score per word, NaN for words without a score.
+    k : number of words to select.
+    ties : "first" gives a tie to the word that comes first in the document; "torch" keeps
+        whichever tied words ``torch.topk`` returns on float32 scores (the authors' call).
+    """
     relevance = np.asarray(relevance, dtype=float)
     scored = np.flatnonzero(~np.isnan(relevance))
-    order = scored[np.argsort(-relevance[scored], kind="stable")]
+    k = min(k, scored.size)  # the authors' topk would fail on documents shorter than k
+    if ties == "first":
+        chosen = scored[np.argsort(-relevance[scored], kind="stable")[:k]]
+    elif ties == "torch":
+        import torch
+
+        chosen = scored[torch.topk(torch.from_numpy(relevance[scored]).float(), k).indices.numpy()]
+    else:
+        raise ValueError(f"ties must be 'first' or 'torch', not {ties!r}")
     mask = np.zeros(relevance.shape, dtype=bool)
-    mask[order[:k]] = True
+    mask[chosen] = True
     return mask
+
+
+def rationale_masks(
+    relevance: np.ndarray,
+    ks: Sequence[int] = DEFAULT_KS,
+    *,
+    clip_negative: bool = True,
+    carry_over: bool = False,
+    ties: TieRule = "first",
+) -> dict[int, np.ndarray]:
+    """One document's predicted rationale (boolean word mask) for each k.
+
+    Parameters
+    ----------
+    relevance : one score per word, NaN for words without a score.
+    ks : the rationale sizes.
+    clip_negative : rank ``max(score, 0)``, as the authors do (negative words then tie at 0).
+    carry_over : the prediction at k also keeps the words chosen for every smaller k in ``ks``
+        (the authors' loop quirk; a no-op under ``ties="first"``).
+    ties : see `top_k_mask`.
+
+    Returns
+    -------
+    ``{k: mask}`` in the order of ``ks``.
+    """
+    scores = np.asarray(relevance, dtype=float)
+    if clip_negative:
+        scores = np.maximum(scores, 0.0)  # NaN stays NaN
+    masks = {k: top_k_mask(scores, k, ties) for k in ks}
+    if carry_over:
+        masks = {k: np.logical_or.reduce([masks[j] for j in ks if j <= k]) for k in ks}
+    return masks
 
 
 def _f1(precision: float, recall: float) -> float:
@@ -48,19 +130,32 @@ def token_f1_table(
     gold_masks: Sequence[np.ndarray],
     ks: Sequence[int] = DEFAULT_KS,
     average: Literal["macro", "micro"] = "macro",
+    *,
+    clip_negative: bool = True,
+    carry_over: bool = False,
+    ties: TieRule = "first",
 ) -> dict[int, dict[str, float]]:
-    """``{k: {"precision", "recall", "f1"}}`` of the top-k-word rationales over all documents."""
+    """``{k: {"precision", "recall", "f1"}}`` of the top-k-word rationales over all documents.
+
+    Parameters
+    ----------
+    relevances : per document, one score per word (NaN: no score).
+    gold_masks : per document, the human rationale as a boolean word mask.
+    ks : the rationale sizes; default 5, 10, ..., 80 as the authors.
+    average : "macro" (ERASER's instance macro average) or "micro" (pooled counts).
+    clip_negative, carry_over, ties : the selection protocol, see `rationale_masks`; the
+        defaults are the authors' protocol with relprop's deterministic tie rule.
+    """
     if len(relevances) != len(gold_masks):
         raise ValueError(f"{len(relevances)} relevance arrays but {len(gold_masks)} gold masks")
     golds = [np.asarray(g, dtype=bool) for g in gold_masks]
     for i, (rel, gold) in enumerate(zip(relevances, golds)):
         if np.shape(rel) != gold.shape:
             raise ValueError(f"document {i}: relevance shape {np.shape(rel)} != gold shape {gold.shape}")
-    table = {}
-    for k in ks:
-        predicted = [top_k_mask(rel, k) for rel in relevances]
-        table[k] = _average(predicted, golds) if average == "macro" else _pooled(predicted, golds)
-    return table
+    selections = [rationale_masks(rel, ks, clip_negative=clip_negative, carry_over=carry_over, ties=ties)
+                  for rel in relevances]
+    score = _average if average == "macro" else _pooled
+    return {k: score([masks[k] for masks in selections], golds) for k in ks}
 
 
 def _average(predicted: list[np.ndarray], golds: list[np.ndarray]) -> dict[str, float]:
