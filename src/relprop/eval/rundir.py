@@ -93,7 +93,7 @@ def folder_lock(folder: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            pid = _holder_pid(fd)
             raise RunFailure(f"another relprop eval is using {folder} (pid {pid}); wait for it or use "
                              "another --out") from None
         os.ftruncate(fd, 0)
@@ -101,6 +101,17 @@ def folder_lock(folder: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock; the file stays (removing it would race with a waiting process)
+
+
+def _holder_pid(fd: int) -> str:
+    """The pid the lock holder wrote; it writes it just after taking the lock, so a process that
+    meets the lock in that instant waits a moment for it rather than report no pid."""
+    for _ in range(40):
+        pid = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        if pid:
+            return pid
+        time.sleep(0.05)
+    return "unknown"
 
 
 def _differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
