@@ -165,3 +165,13 @@ def assert_cli_error(result, code: int, *phrases: str) -> str:
     for phrase in phrases:
         assert phrase in result.stderr, (phrase, result.stderr)
     return result.stderr
+
+
+def load_script(path: Path):
+    """A script outside the package (benchmarks/, scripts/) imported as a module by its path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -5,12 +5,13 @@ einops): set RELPROP_REFERENCE_CODE to its folder. Nothing is fetched; without i
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.conftest import load_script
 
 BENCH_VIT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_vit.py"
 REFERENCE_CODE = os.environ.get("RELPROP_REFERENCE_CODE")
@@ -18,10 +19,7 @@ REFERENCE_CODE = os.environ.get("RELPROP_REFERENCE_CODE")
 
 @pytest.fixture(scope="module")
 def bench_vit():
-    spec = importlib.util.spec_from_file_location("bench_vit", BENCH_VIT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(BENCH_VIT)
 
 
 @pytest.mark.skipif(not REFERENCE_CODE, reason="set RELPROP_REFERENCE_CODE to a checkout of "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 from transformers import ViTForImageClassification
 
 from relprop.adapters.base import find_layer_list
+from tests.conftest import load_script
 from tests.eval.eval_fakes import make_tiny_vit
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_fmnist_vit.py"
@@ -17,10 +17,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "train_fmnist_vit.py"
 
 @pytest.fixture(scope="module")
 def recipe():
-    spec = importlib.util.spec_from_file_location("train_fmnist_vit", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def projections(recipe, model: ViTForImageClassification) -> list[tuple[torch.nn.Linear, ...]]:
