@@ -16,6 +16,7 @@ from PIL import Image
 from relprop.cli import main, output_labels, positive_int
 from relprop.errors import InputError, ModelLoadError
 from relprop.loading import ImagePreprocessor, load_image_classifier, load_text_classifier, read_image
+from relprop.eval.loading import read_preprocessor_config
 from tests.conftest import assert_cli_error, hf_folder, run_relprop_many
 
 PLAIN_WORDS = "[PAD] [UNK] [CLS] [SEP] [MASK] the a movie film was good bad and i liked it , . : / 1 0 10".split()
@@ -167,8 +168,11 @@ def test_an_unknown_image_processor_type_is_refused(tmp_path_factory, vit_model)
     with pytest.raises(ModelLoadError, match=f"cannot use {re.escape(str(file))}: unknown image_processor_type "
                                              "'ViTImageProcesor'"):
         ImagePreprocessor.for_model(str(folder), vit_model)
+    with pytest.raises(ModelLoadError, match="unknown image_processor_type 'ViTImageProcesor'"):
+        read_preprocessor_config(str(folder))       # the benchmarks read it through the same check
     file.write_text('{"image_processor_type": "ViTImageProcessor", "image_mean": [0.1, 0.1, 0.1]}')
     assert ImagePreprocessor.for_model(str(folder), vit_model).mean == [0.1, 0.1, 0.1]
+    assert read_preprocessor_config(str(folder))["image_mean"] == [0.1, 0.1, 0.1]
 
 
 # --- optional sub-commands (item 7) ------------------------------------------------------------

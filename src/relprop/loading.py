@@ -276,6 +276,17 @@ def _load_processor(file: Path):
         transformers.logging.set_verbosity(verbosity)
 
 
+def preprocessor_settings(name: str, note: Optional[Note] = None) -> dict:
+    """The settings in model ``name``'s preprocessor_config.json, checked as
+    `ImagePreprocessor.for_model` checks them (a ModelLoadError for a file transformers cannot
+    use), or {} when it has none (said through ``note``, default a warning)."""
+    file = _preprocessor_file(name, note or _warn)
+    if file is None:
+        return {}
+    _load_processor(file)
+    return json.loads(file.read_text(encoding="utf-8"))
+
+
 @dataclass
 class ImagePreprocessor:
     """The model's own image preprocessing (its preprocessor_config.json), or ViT defaults:

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import ModelLoadError, UnsupportedModelError
-from ..loading import load_image_classifier
+from ..errors import UnsupportedModelError
+from ..loading import load_image_classifier, preprocessor_settings
 from .images import Normalization
 
 log = logging.getLogger(__name__)
-
-PREPROCESSOR_FILE = "preprocessor_config.json"
 
 
 def load_model(spec: str, device: str | torch.device = "cpu") -> torch.nn.Module:
@@ -24,24 +20,9 @@ def load_model(spec: str, device: str | torch.device = "cpu") -> torch.nn.Module
 
 
 def read_preprocessor_config(spec: str) -> dict[str, Any]:
-    """The model's ``preprocessor_config.json`` as a dict, or {} when there is none."""
-    path = Path(spec)
-    if path.is_dir():
-        file = path / PREPROCESSOR_FILE
-        if file.is_file():
-            try:
-                return dict(json.loads(file.read_text(encoding="utf-8")))
-            except (OSError, ValueError, TypeError) as error:
-                raise ModelLoadError(f"cannot read {file}: {error}; fix or remove it") from None
-        log.warning("no %s in %s; using defaults", PREPROCESSOR_FILE, spec)
-        return {}
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return json.loads(Path(hf_hub_download(spec, PREPROCESSOR_FILE)).read_text(encoding="utf-8"))
-    except Exception as error:  # offline, missing file: fall back to the defaults, loudly
-        log.warning("no %s for %s (%s); using defaults", PREPROCESSOR_FILE, spec, error)
-        return {}
+    """The model's ``preprocessor_config.json`` as a dict (checked as ``relprop explain`` checks
+    it), or {} when there is none (logged)."""
+    return preprocessor_settings(spec, note=lambda line: log.warning("%s", line))
 
 
 def _pair(value: Any) -> tuple[int, int] | None:
