@@ -263,14 +263,14 @@ def test_result_helpers(vit_model, vit_inputs):
 
 # -- targets by label name -----------------------------------------------------------------
 def _named_vit():
-    from tests.adapters.test_families import _build
+    from tests.families.test_families import _build
     model = _build("vit").eval()
     model.config.id2label = {0: "cat", 1: "dog", 2: "ship", 3: "Truck", 4: "horse"}
     return model
 
 
 def test_target_label_names():
-    from tests.adapters.test_families import _inputs
+    from tests.families.test_families import _inputs
     explainer = relprop.Explainer(_named_vit())
     x = _inputs("vit")["pixel_values"]                      # 3 images
     assert explainer.explain(x, "rollout", target="dog").target.tolist() == [1, 1, 1]
@@ -287,7 +287,7 @@ def test_target_label_names():
     ([1.5, "cat", 0], ["int index or a label name", "float"]),
 ])
 def test_unknown_label_lists_the_models_labels(target, phrases):
-    from tests.adapters.test_families import _inputs
+    from tests.families.test_families import _inputs
     with pytest.raises(InputError) as error:
         relprop.Explainer(_named_vit()).explain(_inputs("vit"), "rollout", target=target)
     for phrase in phrases:
@@ -348,7 +348,7 @@ def test_meta_device_model_refused(partly):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU for a second device")
 def test_model_spread_over_devices_refused():
-    from tests.adapters.test_families import _build
+    from tests.families.test_families import _build
     model = _build("vit")
     model.classifier.cuda()
     with pytest.raises(UnsupportedModelError, match=r"several devices \(cpu, cuda:0\).*model.to\('cuda:0'\)"):
@@ -356,7 +356,7 @@ def test_model_spread_over_devices_refused():
 
 
 def test_integer_weights_refused():
-    from tests.adapters.test_families import _build
+    from tests.families.test_families import _build
     model = _build("vit")
     model.classifier.weight = torch.nn.Parameter(torch.zeros(5, 32, dtype=torch.int8), requires_grad=False)
     with pytest.raises(UnsupportedModelError, match="dtype torch.int8.*floating-point weights"):
@@ -368,7 +368,7 @@ def test_mixed_dtype_weights_computed_in_float32():
     that of the same model converted to float32."""
     import copy
 
-    from tests.adapters.test_families import _build, _inputs
+    from tests.families.test_families import _build, _inputs
     model = _build("vit").eval()
     model.classifier.half()
     model.vit.layernorm.double()
@@ -384,7 +384,7 @@ def test_mixed_dtype_weights_computed_in_float32():
 def test_subclasses_of_supported_models_accepted(timm_style_vit, vit_inputs):
     from transformers import BertForSequenceClassification, ViTForImageClassification
 
-    from tests.adapters.test_families import _build, _inputs
+    from tests.families.test_families import _build, _inputs
     from tests.timm_style import VisionTransformer
 
     class MyViT(ViTForImageClassification):

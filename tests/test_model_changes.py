@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import relprop
-from tests.adapters.test_families import _build, _build_timm, _inputs
+from tests.families.test_families import _build, _build_timm, _inputs
 
 DTYPES = [pytest.param(None, id="float32"), pytest.param(torch.float64, id="float64")]
 
@@ -193,8 +193,8 @@ def test_train_flag_and_attention_implementation_do_not_matter(name, dtype):
 def test_unchanged_float64_model_is_not_copied_again(monkeypatch):
     model, explainer, inputs = _vit_pair(torch.float64)
     calls = []
-    original = type(explainer).refresh
-    monkeypatch.setattr(type(explainer), "refresh", lambda self: (calls.append(1), original(self)))
+    original = type(explainer)._reread
+    monkeypatch.setattr(type(explainer), "_reread", lambda self, retrace: (calls.append(1), original(self, retrace)))
     for _ in range(3):
         explainer.explain(inputs, "rollout")
         explainer.logits(inputs)
@@ -209,11 +209,8 @@ def test_float32_explainer_holds_views_not_copies():
     """The default explainer computes on the model's own storage (no per-call weight copy)."""
     model, explainer, _ = _vit_pair(None)
     storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    adapter = explainer.adapter
-    used = [adapter.patch_weight, *adapter.prefix_tokens, adapter.positions]
-    for block in explainer.architecture.blocks:
-        used += [block.query.weight, block.fc2.bias, block.norm1.weight]
-    used += [explainer.architecture.head[0].layers[0].weight, explainer.architecture.final_norm.weight]
+    used = list(explainer.weights.values())
+    assert len(used) == len(dict(model.named_parameters()))
     assert all(t.untyped_storage().data_ptr() in storages for t in used)
 
 

@@ -3,20 +3,21 @@ from __future__ import annotations
 
 import numbers
 import weakref
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
 from . import engine
-from .adapters import adapt
-from .adapters.base import labels_of
 from .errors import InputError, OptionError, UnsupportedModelError, did_you_mean
+from .families import Family, family_of, labels_of
+from .graph import Program, tracer_for
+from .inputs import DYNAMIC, Prepared, prepare
 from .attributions import Trace, get_method
 from .attributions.base import resolve_options
 from .result import Explanation, Internals
-from .rules import get_rule_set
+from .rules import PRESETS, get_rule_set
 
-TargetLike = Union[None, int, str, Sequence[Union[int, str]], torch.Tensor]
+TargetLike = Union[None, int, str, Sequence[Union[int, str]], torch.Tensor, Callable[[Any], torch.Tensor]]
 
 #: dtypes an explanation can be computed in; half precision is refused because relevance
 #: propagation divides by sums that nearly cancel (float16/bfloat16 maps are off by 100 % and more)
@@ -74,12 +75,11 @@ class Explainer:
         self._requested_dtype = dtype
         self._state_key: Optional[tuple] = None
         self._state_refs: list[weakref.ref] = []
-        self.refresh()
+        self._reread(retrace=False)
 
     @property
     def modality(self) -> str:
-        self._sync()
-        return self.architecture.modality
+        return self.family.modality
 
     @property
     def labels(self) -> dict[int, str]:
@@ -87,17 +87,25 @@ class Explainer:
         return labels_of(self.model)
 
     def refresh(self) -> None:
-        """Re-read the model's weights now.
+        """Re-read the model now: its weights and its graph (exported again at the next call).
 
         Only needed after in-place changes through ``p.data`` while the explainer computes
-        on a copy of the weights (see the class notes); every other change is detected.
+        on a copy of the weights, or after changing a setting that is not a tensor (a
+        LayerNorm's ``eps``, ``config`` values its forward reads); see the class notes. Every
+        other change is detected.
         """
+        self._reread(retrace=True)
+
+    def _reread(self, retrace: bool) -> None:
         objects, key = _weights_state(self.model)
         dtype = _compute_dtype(self.model, self._requested_dtype)
+        if not hasattr(self, "family"):
+            self.family: Family = family_of(self.model)
+        self.tracer = tracer_for(self.model, DYNAMIC, {}, fresh=retrace)
         with torch.inference_mode(False):       # copies made here must be usable by autograd
-            self.adapter = adapt(self.model, dtype)
+            self.weights = _read_weights(self.model, dtype)
         self.dtype = dtype
-        self.architecture = self.adapter.architecture
+        self.device = next(self.model.parameters()).device
         self._state_key = key
         self._state_refs = [weakref.ref(o) for o in objects]
 
@@ -107,7 +115,7 @@ class Explainer:
         # the weak references rule out a replaced object that happens to reuse an old id/address
         if (key is None or key != self._state_key or len(objects) != len(self._state_refs)
                 or any(ref() is not obj for ref, obj in zip(self._state_refs, objects))):
-            self.refresh()
+            self._reread(retrace=False)
 
     def class_index(self, target: Union[int, str]) -> int:
         """The class index of ``target``: an int is returned as is, a str is looked up in
@@ -119,6 +127,22 @@ class Explainer:
         if not isinstance(target, str):
             return int(target)
         return label_index(target, self.labels)
+
+    def program(self, inputs: Any) -> tuple[Program, Prepared]:
+        """The exported graph for ``inputs`` (exported on first use per input signature)."""
+        self._sync()
+        with torch.inference_mode(False):
+            prepared = prepare(self.model, self.family, inputs, self.dtype, self.device)
+            return self.tracer.program(self.model, prepared.kwargs), prepared
+
+    def _sites(self, program: Program) -> list[int]:
+        """The explained attention layers (the family's scope), as positions among the graph's."""
+        scope = self.family.scope
+        sites = [i for i, step in enumerate(program.attention_sites)
+                 if not scope or program.steps[step].module.startswith(scope)]
+        if not sites:
+            raise UnsupportedModelError(f"no attention found in the exported graph of {type(self.model).__name__}")
+        return sites
 
     def explain(self, inputs: Any, method: str = "transformer_attribution", target: TargetLike = None,
                 *, keep_internals: bool = False, **options) -> Explanation:
@@ -134,7 +158,11 @@ class Explainer:
             One of `relprop.methods()`.
         target
             None (each sample's predicted class), a class index or label name (the same
-            class for all), or B of them (ints, names, or a mix; or a tensor of indices).
+            class for all), B of them (ints, names, or a mix; or a tensor of indices), or a
+            callable ``f(model_output) -> [B]`` giving the score to explain per sample (one
+            label of a multi-label model, a regression output, a similarity to a reference
+            embedding; ``model_output`` is what the model returns). LRP starts from the
+            gradient of that score at the model's outputs: for a class index, a one-hot of 1.
         keep_internals : bool
             Also return every block's A, ∇A and R_A (whichever the method computed) in
             ``result.internals``.
@@ -145,53 +173,120 @@ class Explainer:
         -------
         Explanation
         """
-        self._sync()
         chosen = get_method(method)
-        options = resolve_options(chosen, options, self.adapter.method_defaults.get(method, {}))
-        num_blocks = len(self.architecture.blocks)
+        options = resolve_options(chosen, options, self.family.defaults().get(method, {}))
+        program, prepared = self.program(inputs)
+        sites = self._sites(program)
+        num_blocks = len(sites)
         needs = chosen.requirements(num_blocks, **options)
         rules = None if needs.relevance_rules is None else get_rule_set(needs.relevance_rules)
+        preset = PRESETS[self.family.preset]
+        input_point = self._input_point(program) if needs.input_relevance else None
         with torch.inference_mode(False), torch.enable_grad():
-            prepared = self.adapter.prepare(inputs)
-            grad_from = min(needs.gradient_blocks) if needs.gradient_blocks else None
-            fwd = engine.forward(self.architecture, prepared.hidden, prepared.valid, grad_from=grad_from,
-                                 all_rows=needs.all_rows or keep_internals,
-                                 keep=rules is not None)
-            logits = fwd.logits.detach()
-            _check_finite(logits)
-            target_index = self._resolve_target(target, logits)
+            grad_site = sites[min(needs.gradient_blocks)] if needs.gradient_blocks else None
+            keep = _kept_values(program, rules) if rules is not None else frozenset()
+            with torch.set_grad_enabled(grad_site is not None):
+                fwd = engine.forward(program, prepared.kwargs, self.weights, self.dtype, keep=keep,
+                                     grad_site=grad_site)
+            output = _unflatten(program, fwd.outputs)
+            score_of, target_index = self._score_function(target, output, prepared.batch)
             grads = {}
             if needs.gradient_blocks:
-                grads = engine.attention_gradients(fwd, target_index, sorted(needs.gradient_blocks))
-        with torch.no_grad():
+                blocks = sorted(needs.gradient_blocks)
+                scores = score_of(output)
+                found = torch.autograd.grad(scores.sum(), [fwd.attention[sites[b]] for b in blocks])
+                grads = dict(zip(blocks, found))
+        with torch.inference_mode(False), torch.no_grad():
             relevance = engine.Relevance()
             if rules is not None:
-                relevance = engine.propagate(self.architecture, fwd, target_index, rules,
-                                             lowest_block=needs.relevance_lowest, to_input=needs.input_relevance)
-            trace = Trace(attention=[r.attention.detach() for r in fwd.records], attention_grad=grads,
-                          attention_relevance=relevance.attention,
-                          rows=[None if r.rows is None else r.rows.tolist() for r in fwd.records],
-                          valid=prepared.valid, content=prepared.content, token=self.architecture.head[0].token)
+                start = _start_relevance(program, fwd.outputs, score_of)
+                lowest = None if needs.input_relevance else sites[needs.relevance_lowest]
+                relevance = engine.propagate(fwd, start, rules, preset, lowest_site=lowest,
+                                             collect=frozenset() if input_point is None else frozenset({input_point}))
+            attention = [fwd.attention[s].detach() for s in sites]
+            attention_relevance = {b: relevance.attention[s] for b, s in enumerate(sites) if s in relevance.attention}
+            valid = prepared.valid
+            num_tokens = attention[0].shape[-1]
+            if valid is None:
+                valid = torch.ones(prepared.batch, num_tokens, dtype=torch.bool, device=self.device)
+            prefix = self.family.prefix_tokens(self.model) if self.family.modality == "image" else 0
+            content = torch.arange(prefix, num_tokens, device=self.device)
+            trace = Trace(attention=attention, attention_grad=grads, attention_relevance=attention_relevance,
+                          rows=[None] * num_blocks, valid=valid, content=content, token=0)
             if needs.input_relevance:
-                trace.input_relevance = self.adapter.input_relevance(prepared, relevance.encoder_input, rules)
+                trace.input_relevance = self._input_relevance(relevance.at[input_point])
             scores = chosen(trace, **options)
             if not chosen.input_level:
-                scores = scores[:, prepared.content]
-            scores = self.adapter.finalize(scores, prepared, chosen.input_level)
-        internals = Internals(trace.attention, grads, relevance.attention) if keep_internals else None
-        return Explanation(relevance=scores.detach(), target=target_index, logits=logits, method=method,
-                           options=options, grid=getattr(self.adapter, "grid", None) if not chosen.input_level else None,
+                scores = scores[:, content]
+            if self.family.modality == "text":
+                scores = scores.masked_fill(~valid, 0)
+        internals = Internals(trace.attention, grads, attention_relevance) if keep_internals else None
+        grid = prepared.extras.get("grid") if not chosen.input_level else None
+        return Explanation(relevance=scores.detach(), target=target_index, logits=self._logits(output),
+                           method=method, options=options, grid=grid,
                            input_size=tuple(prepared.extras["pixels"].shape[-2:]) if "pixels" in prepared.extras else None,
                            mask=prepared.extras.get("attention_mask"), internals=internals,
-                           modality=self.architecture.modality)
+                           modality=self.family.modality)
 
     def logits(self, inputs: Any) -> torch.Tensor:
         """The model's logits as relprop computes them (equal to the model's own)."""
-        self._sync()
+        program, prepared = self.program(inputs)
         with torch.no_grad():
-            prepared = self.adapter.prepare(inputs)
-            return engine.forward(self.architecture, prepared.hidden, prepared.valid).logits
+            fwd = engine.forward(program, prepared.kwargs, self.weights, self.dtype)
+            logits = self._logits(_unflatten(program, fwd.outputs))
+        if logits is None:
+            raise InputError(f"{type(self.model).__name__} outputs no class scores")
+        return logits
 
+    def _logits(self, output) -> Optional[torch.Tensor]:
+        field = self.family.logits
+        if field is None:
+            return None
+        value = output if field == "" else (output[field] if isinstance(output, dict) else getattr(output, field))
+        return value.detach()
+
+    def _input_point(self, program: Program) -> int:
+        """The step whose relevance `lrp` reports: the pixels, or (text) the embeddings' output,
+        where the authors' text code stops."""
+        if self.family.modality == "image":
+            return next(i for i, what, name in program.inputs if what == "input")
+        word = self.model.get_input_embeddings()
+        path = next(name for name, module in self.model.named_modules() if module is word).rpartition(".")[0]
+        inside = [s.index for s in program.steps if s.data and (s.module.startswith(path + ".") or
+                                                                 s.module.startswith(path + " "))]
+        if not inside:
+            raise UnsupportedModelError(f"cannot find the embeddings ({path}) in the exported graph")
+        return inside[-1]
+
+    def _input_relevance(self, relevance: torch.Tensor) -> torch.Tensor:
+        return relevance.sum(dim=1) if self.family.modality == "image" else relevance.sum(dim=-1)
+
+    def _score_function(self, target: TargetLike, output, batch: int):
+        """``(score_of, target_index)``: score_of(output) -> [B], the score each explanation is of."""
+        if callable(target) and not isinstance(target, torch.Tensor):
+            def score_of(out):
+                scores = target(out)
+                if not isinstance(scores, torch.Tensor) or scores.shape != (batch,):
+                    shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+                    raise InputError(f"a callable target must return one score per sample (a tensor of shape "
+                                     f"[{batch}]), got {shape}")
+                return scores
+            scores = score_of(output).detach()
+            _check_finite(scores[:, None])
+            return score_of, None
+        logits = self._logits(output)
+        if logits is None:
+            raise InputError(f"{type(self.model).__name__} outputs no class scores, so a class target means "
+                             "nothing; pass target=callable(model_output) -> one score per sample, e.g. "
+                             "lambda out: out.pooler_output @ reference")
+        _check_finite(logits)
+        index = self._resolve_target(target, logits)
+        field = self.family.logits
+
+        def score_of(out):
+            value = out if field == "" else (out[field] if isinstance(out, dict) else getattr(out, field))
+            return value.gather(1, index[:, None]).squeeze(1)
+        return score_of, index
     def _resolve_target(self, target: TargetLike, logits: torch.Tensor) -> torch.Tensor:
         batch, classes = logits.shape
         if target is None:
@@ -296,3 +391,52 @@ def _check_finite(logits: torch.Tensor) -> None:
     if bad:
         raise InputError(f"the model's logits are not finite for sample(s) {bad}; check the input's scale "
                          "and normalisation (use the model's image processor / tokenizer)")
+
+
+def _read_weights(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by name, as the graph reads them: detached (views, no copy)
+    and floating ones in the compute dtype. Tensors made under ``torch.inference_mode`` are
+    copied: autograd cannot use them."""
+    weights = {}
+    for named in (model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False)):
+        for name, tensor in named:
+            t = tensor.detach()
+            if t.is_floating_point() and t.dtype != dtype:
+                t = t.to(dtype)
+            elif t.is_inference():
+                t = t.clone()
+            weights[name] = t
+    return weights
+
+
+def _kept_values(program: Program, rules) -> frozenset:
+    """Steps whose values the relevance rules read (all others are freed during the forward)."""
+    from .oprules import NEEDS
+
+    keep = set(engine.forks(program))
+    for step in program.steps:
+        if not step.data or not step.data_inputs:
+            continue
+        inputs, output = NEEDS.get(step.kind, (False, False))
+        if inputs:
+            keep.update(step.data_inputs)
+        if output:
+            keep.add(step.index)
+    return frozenset(keep)
+
+
+def _unflatten(program: Program, flat: list):
+    import torch.utils._pytree as pytree
+    return pytree.tree_unflatten(list(flat), program.out_spec)
+
+
+def _start_relevance(program: Program, flat: list, score_of) -> dict[int, torch.Tensor]:
+    """The relevance at the model's outputs: the gradient of the explained score (for a class
+    index, a one-hot of 1 at the target logit, as the authors' code starts)."""
+    leaves = [o.detach().requires_grad_(True) if isinstance(o, torch.Tensor) and o.is_floating_point() else o
+              for o in flat]
+    wanted = [(i, leaf) for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor) and leaf.requires_grad]
+    with torch.enable_grad():
+        scores = score_of(_unflatten(program, leaves))
+        grads = torch.autograd.grad(scores.sum(), [leaf for _, leaf in wanted], allow_unused=True)
+    return {program.outputs[i]: g for (i, _), g in zip(wanted, grads) if g is not None}

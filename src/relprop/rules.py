@@ -15,10 +15,12 @@ batch gives exactly what each sample gives alone.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional
 
 import torch
+
+from .errors import OptionError
 
 EPS = 1e-9
 
@@ -153,16 +155,39 @@ def bounded_input_rule(x_patches: torch.Tensor, weight: torch.Tensor, relevance:
 
 
 @dataclass(frozen=True)
+class Preset:
+    """How the authors' code treats the structures in which their vision and text models differ.
+
+    ``projection_fork``: the query, key and value projections of one input are one fused layer
+    in the vision code (their relevances are summed, ``"sum"``) and three layers behind a
+    ``Clone`` in the text code (``"clone"``). ``attention_mask``: the text code adds the mask to
+    the scores and splits relevance between them with the addition rule (``"add"``); without
+    padding (vision) a mask is ignored (``"ignore"``).
+    """
+
+    name: str
+    projection_fork: str = "sum"
+    attention_mask: str = "ignore"
+
+
+PRESETS = {"vision": Preset("vision", "sum", "ignore"), "text": Preset("text", "clone", "add")}
+
+
+@dataclass(frozen=True)
 class RuleSet:
-    """The rules used for one explanation: how linear layers and additions propagate."""
+    """The rules used for one explanation: the numerical linear and addition rules, and the
+    table op kind -> rule (`oprules`) the engine looks each operation up in."""
 
     name: str
     linear: LinearRule
     add: AddRule
+    ops: Mapping[str, Callable] = field(default_factory=dict, compare=False)
 
 
-PAPER = RuleSet("paper", ZPlusSharedRule(), NormalizedAddRule())
-PLAIN = RuleSet("plain", ZPlusSeparateRule(), AddRule())
+from .oprules import CHEFER_OPS  # noqa: E402  (the op rules use the numerical rules above)
+
+PAPER = RuleSet("paper", ZPlusSharedRule(), NormalizedAddRule(), CHEFER_OPS)
+PLAIN = RuleSet("plain", ZPlusSeparateRule(), AddRule(), CHEFER_OPS)
 RULE_SETS = {PAPER.name: PAPER, PLAIN.name: PLAIN}
 
 
@@ -172,4 +197,4 @@ def get_rule_set(name: str | RuleSet) -> RuleSet:
     try:
         return RULE_SETS[name]
     except KeyError:
-        raise ValueError(f"unknown rules {name!r}; choose one of {sorted(RULE_SETS)}") from None
+        raise OptionError(f"unknown rules {name!r}; choose one of {sorted(RULE_SETS)}") from None

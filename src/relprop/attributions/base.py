@@ -53,7 +53,7 @@ class Method:
     """An explanation method: declares options and needs, maps a Trace to token scores."""
 
     name: str = ""
-    #: option name -> default; adapters may override defaults per modality
+    #: option name -> default; a family may override defaults (`families.Family.method_defaults`)
     options: dict[str, Any] = {}
     #: True if the result is per input element (pixels/positions) rather than per token
     input_level: bool = False

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import relprop
-from tests.adapters.test_families import _inputs, _randomize_timm
+from tests.families.test_families import _inputs, _randomize_timm
 from tests.conftest import golden_file
 
 timm = pytest.importorskip("timm", reason="timm is not installed (it needs torchvision); "

@@ -235,7 +235,7 @@ def test_unsupported_timm_models_named():
     from tests.timm_style import timm_wrapper
     pooled = _build_timm()
     pooled.global_pool = "avg"
-    with pytest.raises(relprop.UnsupportedModelError, match="timm VisionTransformer uses features.*global_pool='avg'"):
+    with pytest.raises(relprop.UnsupportedModelError, match="timm VisionTransformer is not supported.*global_pool=.avg."):
         relprop.Explainer(timm_wrapper(pooled, {0: "a", 1: "b"}))
 
     class ResNet(torch.nn.Module):

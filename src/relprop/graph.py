@@ -1,0 +1,381 @@
+"""The model's own computation graph: `torch.export` once per model and input signature, then
+a flat list of steps that the engine interprets (forward, attention gradients, relevance).
+
+Nothing here calls the user's model after the export: the steps are ATen operations whose
+parameters are read from the model at every run, so an explanation is of the model as it is at
+the call. The export itself runs the model once on fake tensors, in inference mode; the model's
+train/eval flags are restored afterwards, also when the export fails.
+"""
+from __future__ import annotations
+
+import operator
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+from torch.export import Dim
+
+from .errors import UnsupportedModelError
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A reference to the value of step ``index`` inside a step's arguments."""
+
+    index: int
+
+
+# -- op kinds: what a rule set maps to rules ---------------------------------------------------
+# Elementwise functions of one tensor (and normalisations): relevance passes unchanged.
+_IDENTITY = {
+    aten.layer_norm.default: "norm", aten.native_layer_norm.default: "norm", aten.rms_norm.default: "norm",
+    aten.group_norm.default: "norm",
+    aten.gelu.default: "activation", aten.tanh.default: "activation", aten.relu.default: "activation",
+    aten.silu.default: "activation", aten.sigmoid.default: "activation", aten.hardtanh.default: "activation",
+    aten.elu.default: "activation", aten.leaky_relu.default: "activation", aten.mish.default: "activation",
+    aten.softmax.int: "softmax", aten._softmax.default: "softmax",
+    aten.dropout.default: "dropout", aten.feature_dropout.default: "dropout", aten.alpha_dropout.default: "dropout",
+    aten.clone.default: "copy", aten.contiguous.default: "copy", aten.alias.default: "copy",
+    aten.to.dtype: "copy", aten.to.dtype_layout: "copy", aten.to.device: "copy", aten._to_copy.default: "copy",
+    aten.type_as.default: "copy", aten.lift_fresh_copy.default: "copy", aten.detach.default: "copy",
+    aten.neg.default: "copy",
+}
+# Pure routing (each output element is one input element, or a sum of them): relevance is
+# routed back by the operation's vector-Jacobian product.
+_ROUTE = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+    aten.unflatten.int, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default,
+    aten.transpose.int, aten.permute.default, aten.t.default, aten.expand.default, aten.slice.Tensor,
+    aten.cat.default, aten.stack.default, aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int,
+    aten.chunk.default, aten.tensor_split.sections, aten.roll.default, aten.constant_pad_nd.default,
+    aten.pad.default, aten.narrow.default, aten.repeat.default, aten.repeat_interleave.self_int,
+    aten.movedim.int, aten.swapaxes.default, aten.flip.default, aten.expand_as.default, aten.view_as.default,
+    aten.reshape_as.default, aten.unfold.default, aten.pixel_shuffle.default, aten.pixel_unshuffle.default,
+    operator.getitem,
+}
+# Selections and averages (pooling): gradient x input, the authors' rule for their IndexSelect.
+_POOL = {
+    aten.select.int, aten.index.Tensor, aten.gather.default, aten.index_select.default,
+    aten.mean.dim, aten.mean.default, aten.sum.dim_IntList, aten.sum.default,
+    aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default, aten.avg_pool2d.default,
+    aten.avg_pool1d.default,
+}
+_KINDS: dict[Any, str] = {
+    **_IDENTITY, **{op: "route" for op in _ROUTE}, **{op: "pool" for op in _POOL},
+    aten.linear.default: "linear", aten.conv2d.default: "conv", aten.convolution.default: "conv",
+    aten.add.Tensor: "add", aten.sub.Tensor: "add", aten.mul.Tensor: "mul", aten.div.Tensor: "div",
+    aten.matmul.default: "matmul", aten.bmm.default: "matmul", aten.mm.default: "matmul",
+    aten.einsum.default: "einsum", aten.baddbmm.default: "baddbmm", aten.addmm.default: "addmm",
+    aten.scaled_dot_product_attention.default: "attention", aten.embedding.default: "embedding",
+}
+# Reductions and normalisers whose outputs are statistics of the data (a norm's mean, variance,
+# 1/sqrt(var)): relevance never flows into them, as through a LayerNorm's statistics.
+_STATISTICS = {
+    aten.rsqrt.default, aten.reciprocal.default, aten.sqrt.default, aten.var.correction, aten.var.dim,
+    aten.std.correction, aten.linalg_vector_norm.default, aten.norm.ScalarOpt_dim, aten.var_mean.correction,
+    aten.amax.default, aten.max.dim, aten.logsumexp.default, aten.exp.default, aten.pow.Tensor_Scalar,
+}
+# Operations that only assert or describe: no value, no relevance.
+_META = {aten._assert_tensor_metadata.default, aten._assert_scalar.default, aten.sym_constrain_range_for_size.default}
+
+
+def op_kind(target: Any) -> Optional[str]:
+    return _KINDS.get(target)
+
+
+@dataclass
+class Step:
+    index: int
+    name: str
+    target: Any                      # the ATen op (or operator.getitem); None for placeholders
+    args: tuple
+    kwargs: dict
+    module: str                      # the innermost module that ran it, for messages
+    kind: Optional[str]
+    data: bool = False               # a floating-point tensor that depends on the model's inputs
+    statistic: bool = False          # a statistic of the data (see _STATISTICS)
+    depends: bool = False            # depends on the model's inputs (any dtype)
+    data_inputs: list[int] = field(default_factory=list)   # steps whose relevance this one returns
+    consumers: list[int] = field(default_factory=list)     # data steps that take this one's value
+    last_use: int = -1               # last step that reads this value in the forward pass
+
+    def where(self) -> str:
+        return f"{self.name} ({self.target}) in {self.module}"
+
+
+@dataclass
+class Program:
+    """One exported graph, ready to run for inputs that match `signature`."""
+
+    steps: list[Step]
+    inputs: list[tuple[int, str, str]]       # (step, kind: "input"/"parameter"/"buffer"/"constant", name)
+    outputs: list[Optional[int]]             # flat outputs: the step of each (None: a constant)
+    constant_outputs: dict[int, Any]
+    out_spec: Any                            # pytree spec to rebuild the model's output object
+    attention_sites: list[int]               # steps computing attention probabilities, in order
+    signature: dict[str, tuple]              # input name -> per-dim size, None = any
+    constants: dict[str, Any]
+    trace_seconds: float = 0.0
+
+    def matches(self, shapes: dict[str, tuple]) -> bool:
+        if set(shapes) != set(self.signature):
+            return False
+        for name, shape in shapes.items():
+            want = self.signature[name]
+            if len(want) != len(shape) or any(w is not None and w != s for w, s in zip(want, shape)):
+                return False
+        return True
+
+
+def _module_of(node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "the model"
+    path, cls = list(stack.values())[-1]
+    cls = getattr(cls, "__name__", str(cls)).rsplit(".", 1)[-1]
+    return f"{path or 'the model'} ({cls})"
+
+
+def _is_float_tensor(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point()
+
+
+def _walk(obj, fn):
+    if isinstance(obj, Ref):
+        fn(obj)
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            _walk(item, fn)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            _walk(item, fn)
+
+
+def export_model(model: torch.nn.Module, inputs: dict[str, torch.Tensor], dynamic: dict[str, tuple[int, ...]],
+                 extra_kwargs: Optional[dict] = None) -> "torch.export.ExportedProgram":
+    """`torch.export` the model in inference mode; its train/eval flags are restored after."""
+    flags = [(m, m.training) for m in model.modules()]
+    if any(t.is_inference() for t in model.state_dict(keep_vars=True).values()):
+        # export cannot trace weights made under torch.inference_mode: it traces a copy (the
+        # graph is all it keeps; the weights are read from the model itself at every run)
+        import copy
+        model = copy.deepcopy(model)
+    dynamic_shapes = {name: {d: Dim.AUTO for d in dims} for name, dims in dynamic.items()}
+    dynamic_shapes = {name: dynamic_shapes.get(name) for name in inputs}
+    try:
+        model.eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.export.export(model, (), {**inputs, **(extra_kwargs or {})}, strict=False,
+                                       dynamic_shapes={**dynamic_shapes, **{k: None for k in (extra_kwargs or {})}})
+    except Exception as error:  # any failure of tracing: the user needs to know which model and why
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UnsupportedModelError(
+            f"relprop could not trace {type(model).__name__} with torch.export ({type(error).__name__}: "
+            f"{first[:300]}); relprop explains a model through its exported graph. Check that the model runs "
+            f"on these inputs; see relprop.families() for the families known to trace") from error
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+def build_program(exported, input_names: list[str]) -> Program:
+    """Translate an exported program into steps with data-flow facts the engine needs."""
+    from torch.export.graph_signature import InputKind
+
+    graph = exported.graph
+    signature = exported.graph_signature
+    kind_of_input = {}
+    for spec in signature.input_specs:
+        name = spec.arg.name if hasattr(spec.arg, "name") else None
+        if spec.kind == InputKind.USER_INPUT:
+            kind_of_input[name] = ("input", name)
+        elif spec.kind == InputKind.PARAMETER:
+            kind_of_input[name] = ("parameter", spec.target)
+        elif spec.kind == InputKind.BUFFER:
+            kind_of_input[name] = ("buffer", spec.target)
+        else:
+            kind_of_input[name] = ("constant", spec.target)
+    index_of = {}
+    steps: list[Step] = []
+    inputs = []
+    shapes: dict[str, tuple] = {}
+
+    def to_ref(arg):
+        if isinstance(arg, torch.fx.Node):
+            return Ref(index_of[arg])
+        if isinstance(arg, (list, tuple)):
+            return type(arg)(to_ref(a) for a in arg)
+        if isinstance(arg, dict):
+            return {k: to_ref(v) for k, v in arg.items()}
+        return arg
+
+    output_node = None
+    for node in graph.nodes:
+        if node.op == "output":
+            output_node = node
+            continue
+        index = len(steps)
+        index_of[node] = index
+        val = node.meta.get("val")
+        if node.op == "placeholder":
+            what, name = kind_of_input[node.name]
+            step = Step(index, node.name, None, (), {}, name, "input" if what == "input" else None)
+            if what == "input":
+                step.depends = True
+                step.data = _is_float_tensor(val)
+                if isinstance(val, torch.Tensor):
+                    shapes[name] = tuple(int(s) if isinstance(s, int) else None for s in val.shape)
+            inputs.append((index, what, name))
+            steps.append(step)
+            continue
+        if node.op != "call_function":
+            raise UnsupportedModelError(f"the exported graph holds a {node.op} node {node.name} ({node.target}) "
+                                        f"in {_module_of(node)}; relprop interprets plain ATen graphs only")
+        step = Step(index, node.name, node.target, to_ref(node.args), to_ref(node.kwargs), _module_of(node),
+                    op_kind(node.target))
+        if node.target in _META:
+            step.kind = "meta"
+        refs: list[int] = []
+        _walk((step.args, step.kwargs), lambda r: refs.append(r.index))
+        for r in refs:
+            steps[r].last_use = index
+        depends = any(steps[r].depends for r in refs)
+        step.depends = depends
+        if node.target is operator.getitem:
+            floating = _is_float_tensor(val)
+        else:
+            floating = _is_float_tensor(val) or (isinstance(val, (list, tuple)) and val
+                                                 and all(_is_float_tensor(v) for v in val))
+        # data: floating values computed from the inputs' values (pixels, or token embeddings);
+        # masks and positions built from the inputs' shapes or from attention_mask are not
+        step.data = bool(floating and (any(steps[r].data for r in refs) or (depends and step.kind == "embedding")))
+        step.statistic = node.target in _STATISTICS or (
+            step.data and any(steps[r].statistic for r in refs)
+            and not any(steps[r].data and not steps[r].statistic for r in refs))
+        if step.data:
+            seen = set()
+            for r in refs:
+                if steps[r].data and not steps[r].statistic and r not in seen:
+                    seen.add(r)
+                    step.data_inputs.append(r)
+                    steps[r].consumers.append(index)
+        steps.append(step)
+    outputs, constant_outputs = [], {}
+    for i, arg in enumerate(output_node.args[0]):
+        if isinstance(arg, torch.fx.Node):
+            outputs.append(index_of[arg])
+            steps[index_of[arg]].last_use = len(steps)
+        else:
+            outputs.append(None)
+            constant_outputs[i] = arg
+    sites = [s.index for s in steps if s.data and _is_attention_probabilities(s, steps)]
+    for site in sites:
+        _mark_mask(steps, site)
+    return Program(steps, inputs, outputs, constant_outputs, exported.call_spec.out_spec, sites,
+                   {name: shapes.get(name, ()) for name in input_names}, dict(exported.constants))
+
+
+def _is_attention_probabilities(step: Step, steps: list[Step]) -> bool:
+    """SDPA, or a softmax whose probabilities multiply a value tensor (eager attention)."""
+    if step.kind == "attention":
+        return True
+    if step.kind != "softmax":
+        return False
+    frontier, seen = list(step.consumers), set()
+    while frontier:                       # through dropout / casts to the product with V
+        i = frontier.pop()
+        if i in seen:
+            continue
+        seen.add(i)
+        kind = steps[i].kind
+        if kind in ("matmul", "einsum"):
+            return True
+        if kind in ("dropout", "copy", "route"):
+            frontier.extend(steps[i].consumers)
+    return False
+
+
+def _mark_mask(steps: list[Step], site: int) -> None:
+    """The addition of a mask or bias to the attention scores, in a graph with an explicit
+    softmax, becomes kind "mask": the rule preset decides how relevance crosses it."""
+    index = site
+    while steps[index].data_inputs:
+        step = steps[index]
+        if step.kind == "add" and len(step.data_inputs) == 1 and index != site:
+            step.kind = "mask"
+            return
+        if step.kind not in ("softmax", "copy", "mul", "div", "dropout") or len(step.data_inputs) != 1:
+            return
+        index = step.data_inputs[0]
+
+
+@dataclass
+class Tracer:
+    """Exports a model per input signature and keeps the programs (one model, one explainer)."""
+
+    dynamic: dict[str, tuple[int, ...]]                 # input name -> dims that may vary
+    extra_kwargs: dict = field(default_factory=dict)    # e.g. use_cache=False for decoders
+    programs: list[Program] = field(default_factory=list)
+    on_trace: Optional[Callable[[Program], None]] = None
+
+    def program(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Program:
+        shapes = {name: tuple(t.shape) for name, t in inputs.items()}
+        for program in self.programs:
+            if program.matches(shapes) and self._same_kinds(program, inputs):
+                return program
+        import time
+
+        start = time.perf_counter()
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+        example = {name: _example(t.to(dtype) if t.is_floating_point() and dtype is not None else t,
+                                  self.dynamic.get(name, ())) for name, t in inputs.items()}
+        exported = export_model(model, example, self.dynamic, self.extra_kwargs)
+        program = build_program(exported, list(inputs))
+        program.trace_seconds = time.perf_counter() - start
+        program.input_kinds = {name: (t.dtype, t.device.type) for name, t in inputs.items()}
+        self.programs.append(program)
+        if self.on_trace is not None:
+            self.on_trace(program)
+        return program
+
+    @staticmethod
+    def _same_kinds(program: Program, inputs) -> bool:
+        return getattr(program, "input_kinds", None) == {n: (t.dtype, t.device.type) for n, t in inputs.items()}
+
+
+def _example(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """The example the export traces with: dynamic dims of size 0 or 1 would be specialised by
+    the tracer, so they are grown to 2 (repeating the data; only shapes and dtypes matter)."""
+    for d in dims:
+        if d < t.dim() and t.shape[d] < 2:
+            t = torch.cat([t, t], dim=d) if t.shape[d] == 1 else t
+    return t
+
+
+#: model -> {structure: Tracer}: explainers of one model share its exports (paid once per model,
+#: structure and input signature); a model that is garbage collected takes its exports along
+_TRACERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def structure_key(model: torch.nn.Module) -> tuple:
+    """What an export depends on besides tensor values: the module objects, and the names,
+    shapes and dtypes of the weights. Settings that are not tensors are not seen (see
+    `Explainer.refresh`)."""
+    modules = tuple((id(m), type(m)) for m in model.modules())
+    tensors = tuple((name, tuple(t.shape), t.dtype) for name, t in model.state_dict(keep_vars=True).items())
+    return modules, tensors
+
+
+def tracer_for(model: torch.nn.Module, dynamic: dict, extra_kwargs: dict, fresh: bool = False) -> Tracer:
+    """The model's tracer for its current structure (a new one if ``fresh``: re-export)."""
+    key = structure_key(model)
+    by_structure = _TRACERS.setdefault(model, {})
+    if fresh or key not in by_structure:
+        by_structure.clear()            # an old structure's exports are never used again
+        by_structure[key] = Tracer(dynamic, extra_kwargs)
+    return by_structure[key]

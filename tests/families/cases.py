@@ -1,0 +1,144 @@
+"""The family contract kit's registry: one `Case` per supported model family (tiny random
+configs, no downloads). `test_contract.py` runs every contract check on every registered case;
+a new family registers a case here (or in a `cases_*.py` module imported at the bottom)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+import transformers as tf
+
+
+@dataclass
+class Case:
+    """How to build one family's model and inputs for the contract tests.
+
+    ``build(attn_implementation)`` returns a model with random weights as built from its config
+    (training mode; ``attn_implementation`` None = the library default). ``inputs(batch)``
+    returns the forward arguments of a batch (text: mixed lengths, right padding, sample 1 the
+    shortest). ``target`` is a callable target for models without class scores (headless
+    backbones); None = class indices. ``attentions``: the eager model returns its attention
+    probabilities (``output_attentions=True``) in the order relprop explains them.
+    """
+
+    name: str
+    modality: str
+    build: Callable[[Optional[str]], torch.nn.Module]
+    inputs: Callable[[int], dict[str, Any]]
+    target: Optional[Callable[[Any], torch.Tensor]] = None
+    attentions: bool = True
+    classes: int = 3
+    forward: Callable[[torch.nn.Module, dict], Any] = lambda model, inputs: model(**inputs)
+    logits: Callable[[Any], torch.Tensor] = lambda output: output.logits
+
+
+CASES: dict[str, Case] = {}
+
+
+def register(case: Case) -> Case:
+    CASES[case.name] = case
+    return case
+
+
+def strong_init(model: torch.nn.Module) -> torch.nn.Module:
+    """Stronger-than-default random weights, so attention is far from uniform."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 1.0 / p.shape[1] ** 0.5)
+    return model
+
+
+def hf_builder(config_cls, model_cls, **config) -> Callable[[Optional[str]], torch.nn.Module]:
+    def build(attn_implementation=None):
+        torch.manual_seed(0)
+        cfg = config_cls(**config)
+        if attn_implementation:
+            cfg._attn_implementation = attn_implementation
+        return strong_init(model_cls(cfg))
+    return build
+
+
+def image_inputs(size: int = 32, channels: int = 3) -> Callable[[int], dict]:
+    def inputs(batch=3):
+        gen = torch.Generator().manual_seed(1)
+        return {"pixel_values": torch.randn(batch, channels, size, size, generator=gen)}
+    return inputs
+
+
+def text_inputs(first: int = 2, pad: int = 0, length: int = 12, vocab: int = 100,
+                token_types: bool = False) -> Callable[[int], dict]:
+    """Ids with the model's first token, sample 1 right-padded after 7 tokens (mixed lengths)."""
+    def inputs(batch=3):
+        gen = torch.Generator().manual_seed(1)
+        ids = torch.randint(5, vocab, (batch, length), generator=gen)
+        ids[:, 0] = first
+        mask = torch.ones_like(ids)
+        if batch > 1:
+            mask[1, 7:] = 0
+            ids[1, 7:] = pad
+        out = {"input_ids": ids, "attention_mask": mask}
+        if token_types:
+            out["token_type_ids"] = torch.zeros_like(ids)
+        return out
+    return inputs
+
+
+VISION_CONFIG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                     image_size=32, patch_size=8, num_labels=5)
+TEXT_CONFIG = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                   vocab_size=100, num_labels=3, max_position_embeddings=40)
+
+register(Case("vit", "image", hf_builder(tf.ViTConfig, tf.ViTForImageClassification, **VISION_CONFIG),
+              image_inputs(), classes=5))
+register(Case("deit", "image", hf_builder(tf.DeiTConfig, tf.DeiTForImageClassification, **VISION_CONFIG),
+              image_inputs(), classes=5))
+register(Case("deit_teacher", "image",
+              hf_builder(tf.DeiTConfig, tf.DeiTForImageClassificationWithTeacher, **VISION_CONFIG),
+              image_inputs(), classes=5))
+register(Case("bert", "text", hf_builder(tf.BertConfig, tf.BertForSequenceClassification, **TEXT_CONFIG),
+              text_inputs(first=2)))
+register(Case("roberta", "text", hf_builder(tf.RobertaConfig, tf.RobertaForSequenceClassification, **TEXT_CONFIG),
+              text_inputs(first=0, pad=1)))
+register(Case("xlm_roberta", "text",
+              hf_builder(tf.XLMRobertaConfig, tf.XLMRobertaForSequenceClassification, **TEXT_CONFIG),
+              text_inputs(first=0, pad=1)))
+register(Case("distilbert", "text",
+              hf_builder(tf.DistilBertConfig, tf.DistilBertForSequenceClassification, dim=32, n_layers=2, n_heads=4,
+                         hidden_dim=64, vocab_size=100, num_labels=3, max_position_embeddings=40),
+              text_inputs(first=2)))
+
+
+def _timm_build(distilled=False, **options):
+    def build(attn_implementation=None):
+        from tests.timm_style import VisionTransformer, VisionTransformerDistilled
+        torch.manual_seed(0)
+        cls = VisionTransformerDistilled if distilled else VisionTransformer
+        return randomize_timm(cls(img_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=2, num_heads=4,
+                                  **options))
+    return build
+
+
+def randomize_timm(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "token" in name or "pos_embed" in name:
+                p.normal_(0, 0.5)
+            elif p.dim() >= 2:
+                p.normal_(0, p[0].numel() ** -0.5)
+            else:
+                p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.1)
+    return model
+
+
+def _timm_forward(model, inputs):
+    return model(inputs["pixel_values"])
+
+
+for _name, _options in (("timm_vit", {}), ("timm_deit_distilled", {"distilled": True})):
+    register(Case(_name, "image", _timm_build(**_options), image_inputs(), attentions=False, classes=5,
+                  forward=_timm_forward, logits=lambda output: output))
+
+# further families register their cases in these modules
+from tests.families import cases_text, cases_vision  # noqa: E402,F401
