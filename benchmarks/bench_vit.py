@@ -7,6 +7,12 @@ own gradient computation costs) and each method, at batch 1 and 8. Peak memory i
 per configuration in a fresh subprocess (peak resident set size above the loaded model); on a
 GPU (``--device cuda``) as the peak of allocated device memory above the loaded model, in process.
 
+``--baseline PATH`` (a relprop source tree, e.g. ``git worktree add /tmp/old <commit>``) adds that
+version's methods, imported from there under another package name, to the same interleaved loop
+(rows ``baseline <method>``), so an engine change is measured against the old one in one run.
+The first call of a method on a model exports its graph (once per model and input signature);
+that time is reported separately (``export_s``) and excluded from the timed repeats.
+
 ``--reference PATH`` (a local checkout of github.com/hila-chefer/Transformer-Explainability; it
 is imported from there at run time, never copied into this repository; it needs ``einops``)
 adds the authors' ``LRP.generate_LRP`` (method ``transformer_attribution``, their default
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import os
 import statistics
@@ -34,6 +41,7 @@ import time
 import torch
 
 REFERENCE = "reference generate_LRP (authors' code)"
+BASELINE = "baseline "           # + method: the same method of the --baseline relprop version
 METHODS = ["transformer_attribution", "rollout", "raw_attention", "attn_gradcam", "partial_lrp", "lrp", "grad_rollout"]
 
 
@@ -147,14 +155,30 @@ def check_reference(model, reference_path: str) -> dict:
     return check
 
 
+def load_baseline(path: str):
+    """The relprop package of the source tree ``path``, imported as ``relprop_baseline`` (its modules
+    import each other relatively, so two versions live side by side in one process)."""
+    root = os.path.join(os.path.abspath(path), "src", "relprop")
+    if not os.path.isfile(os.path.join(root, "__init__.py")):
+        raise SystemExit(f"--baseline {path}: no src/relprop/__init__.py there; pass a relprop source tree")
+    if "relprop_baseline" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("relprop_baseline", os.path.join(root, "__init__.py"),
+                                                      submodule_search_locations=[root])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["relprop_baseline"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["relprop_baseline"]
+
+
 def reference_commit(path: str) -> str | None:
     out = subprocess.run(["git", "-C", path, "rev-parse", "HEAD"], capture_output=True, text=True)
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def make_runner(model, name, batch, reference_lrp=None):
+def make_runner(model, name, batch, reference_lrp=None, baseline=None):
     """A call that runs ``name`` once on a batch; ``reference_lrp`` (the authors' LRP explainer on the
-    same weights) is needed for the reference row."""
+    same weights) is needed for the reference row, ``baseline`` (another relprop package) for the
+    baseline rows."""
     import relprop
 
     device = next(model.parameters()).device
@@ -171,10 +195,15 @@ def make_runner(model, name, batch, reference_lrp=None):
             for i, image_target in enumerate(targets):
                 reference_explain(reference_lrp, x[i:i + 1], image_target)
     else:
-        explainer = relprop.Explainer(model)
+        package = relprop
+        if name.startswith(BASELINE):
+            package, name = baseline, name.removeprefix(BASELINE)
+        explainer = package.Explainer(model)
+        method = name
 
         def run():
-            explainer.explain(x, name, target=target)
+            explainer.explain(x, method, target=target)
+        run.explainer = explainer
     if device.type != "cuda":
         return run
 
@@ -184,9 +213,9 @@ def make_runner(model, name, batch, reference_lrp=None):
     return run_synchronized
 
 
-def measure_cuda_memory(model, name: str, batch: int, reference_lrp=None) -> int:
+def measure_cuda_memory(model, name: str, batch: int, reference_lrp=None, baseline=None) -> int:
     """Peak allocated device memory of one call above what was allocated before it (the model)."""
-    run = make_runner(model, name, batch, reference_lrp)
+    run = make_runner(model, name, batch, reference_lrp, baseline)
     run()
     model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
@@ -210,18 +239,25 @@ def reference_lrp_for(model, reference_path: str):
     return lrp_class(reference_model(model, vision_transformer_class))
 
 
-def peak_memory_child(name: str, batch: int, reference_path: str | None) -> None:
+def peak_memory_child(name: str, batch: int, reference_path: str | None, baseline_path: str | None) -> None:
     model = build_model()
     reference_lrp = reference_lrp_for(model, reference_path) if name == REFERENCE else None
-    run = make_runner(model, name, batch, reference_lrp)      # both models are loaded before `before`
+    baseline = load_baseline(baseline_path) if name.startswith(BASELINE) else None
+    run = make_runner(model, name, batch, reference_lrp, baseline)   # both models are loaded before `before`
+    if name != "forward+backward" and name != REFERENCE:
+        tiny = make_runner(model, name, 1, reference_lrp, baseline)
+        tiny()                  # the export (paid once per model) is not part of a call's memory
+        run = make_runner(model, name, batch, reference_lrp, baseline)
     before = _rss("VmRSS:")
     run()
     run()
     print(json.dumps({"peak_bytes": _rss("VmHWM:") - before}))
 
 
-def measure_memory(name: str, batch: int, reference_path: str | None = None) -> int:
+def measure_memory(name: str, batch: int, reference_path: str | None = None, baseline_path: str | None = None) -> int:
     reference = ["--reference", reference_path] if name == REFERENCE else []
+    if name.startswith(BASELINE):
+        reference = ["--baseline", baseline_path]
     out = subprocess.run([sys.executable, __file__, "--memory-child", name, str(batch), *reference],
                          capture_output=True, text=True, check=True,
                          env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
@@ -238,11 +274,13 @@ def main() -> None:
     parser.add_argument("--reference", metavar="PATH",
                         help="local checkout of github.com/hila-chefer/Transformer-Explainability: "
                              "also time the authors' generate_LRP on the same weights")
+    parser.add_argument("--baseline", metavar="PATH",
+                        help="another relprop source tree (e.g. a worktree of an older commit): also time its methods")
     parser.add_argument("--out")
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        peak_memory_child(args.memory_child[0], int(args.memory_child[1]), args.reference)
+        peak_memory_child(args.memory_child[0], int(args.memory_child[1]), args.reference, args.baseline)
         return
     model = build_model().to(args.device)
     names = ["forward+backward"] + args.methods
@@ -255,15 +293,23 @@ def main() -> None:
                                 "check": check_reference(model, args.reference)}
         reference_lrp = reference_lrp_for(model, args.reference)
         names.append(REFERENCE)
+    baseline = None
+    if args.baseline:
+        baseline = load_baseline(args.baseline)
+        results["baseline"] = {"path": os.path.abspath(args.baseline), "commit": reference_commit(args.baseline)}
+        names += [BASELINE + m for m in args.methods]
     if args.device.startswith("cuda"):
         results["gpu"] = torch.cuda.get_device_name()
-        memory = lambda name, batch: measure_cuda_memory(model, name, batch, reference_lrp)  # noqa: E731
+        memory = lambda name, batch: measure_cuda_memory(model, name, batch, reference_lrp, baseline)  # noqa: E731
     else:
-        memory = lambda name, batch: measure_memory(name, batch, args.reference)  # noqa: E731
+        memory = lambda name, batch: measure_memory(name, batch, args.reference, args.baseline)  # noqa: E731
     for batch in args.batches:
-        runners = {name: make_runner(model, name, batch, reference_lrp) for name in names}
-        for run in runners.values():       # warm-up
+        runners = {name: make_runner(model, name, batch, reference_lrp, baseline) for name in names}
+        for run in runners.values():       # warm-up (a method's first call on the model exports its graph)
             run()
+        tracer = getattr(getattr(runners.get("transformer_attribution"), "explainer", None), "tracer", None)
+        if tracer is not None and tracer.programs:
+            results.setdefault("export_s", {})[str(batch)] = [round(p.trace_seconds, 3) for p in tracer.programs]
         times = {name: [] for name in names}
         for _ in range(args.repeats):      # interleaved, so machine noise hits every entry alike
             for name, run in runners.items():

@@ -131,6 +131,9 @@ class Explainer:
     def program(self, inputs: Any) -> tuple[Program, Prepared]:
         """The exported graph for ``inputs`` (exported on first use per input signature)."""
         self._sync()
+        # the structure (module settings such as a norm's eps, patched forwards, hooks) is
+        # checked at every call: a changed one gets its own export
+        self.tracer = tracer_for(self.model, DYNAMIC, {})
         with torch.inference_mode(False):
             prepared = prepare(self.model, self.family, inputs, self.dtype, self.device)
             return self.tracer.program(self.model, prepared.kwargs), prepared

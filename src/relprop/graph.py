@@ -8,9 +8,9 @@ train/eval flags are restored afterwards, also when the export fails.
 """
 from __future__ import annotations
 
+import collections
 import operator
 import warnings
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -357,25 +357,52 @@ def _example(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     return t
 
 
-#: model -> {structure: Tracer}: explainers of one model share its exports (paid once per model,
-#: structure and input signature); a model that is garbage collected takes its exports along
-_TRACERS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+#: structure -> Tracer: explainers share exports, also across model objects of one structure (a
+#: test suite or an evaluation builds many); the least recently used are dropped beyond a bound
+_TRACERS: "collections.OrderedDict[tuple, Tracer]" = collections.OrderedDict()
+_MAX_TRACERS = 32
+_SIMPLE = (bool, int, float, str, type(None), torch.dtype, torch.device)
+
+
+def _settings(value, configs: dict):
+    """A hashable description of a module attribute that is not a tensor or a submodule."""
+    if isinstance(value, _SIMPLE):
+        return value
+    if isinstance(value, (tuple, list, set, frozenset)):
+        items = [_settings(v, configs) for v in value]
+        return tuple(sorted(items, key=repr)) if isinstance(value, (set, frozenset)) else tuple(items)
+    if isinstance(value, dict):
+        return tuple(sorted(((repr(k), _settings(v, configs)) for k, v in value.items())))
+    to_json = getattr(value, "to_json_string", None)
+    if callable(to_json):                          # a transformers config: by content
+        if id(value) not in configs:
+            configs[id(value)] = to_json(use_diff=False)
+        return configs[id(value)]
+    return ("object", id(value))                   # anything else: by identity (never shared wrongly)
 
 
 def structure_key(model: torch.nn.Module) -> tuple:
-    """What an export depends on besides tensor values: the module objects, and the names,
-    shapes and dtypes of the weights. Settings that are not tensors are not seen (see
-    `Explainer.refresh`)."""
-    modules = tuple((id(m), type(m)) for m in model.modules())
-    tensors = tuple((name, tuple(t.shape), t.dtype) for name, t in model.state_dict(keep_vars=True).items())
-    return modules, tensors
+    """Everything an export depends on besides tensor values: each module's class and settings
+    (every attribute that is not a tensor or a submodule: eps, flags, configs, a patched
+    ``forward``), its hooks, and the names, shapes and dtypes of the weights."""
+    configs: dict = {}
+    modules = []
+    for name, module in model.named_modules():
+        settings = tuple(sorted((k, _settings(v, configs)) for k, v in vars(module).items()
+                                if not k.startswith("_") or k in ("_attn_implementation",)))
+        hooks = tuple(len(getattr(module, h)) for h in ("_forward_hooks", "_forward_pre_hooks"))
+        modules.append((name, type(module), settings, hooks))
+    tensors = tuple((name, tuple(t.shape), t.dtype, t.device.type)
+                    for name, t in model.state_dict(keep_vars=True).items())
+    return tuple(modules), tensors
 
 
 def tracer_for(model: torch.nn.Module, dynamic: dict, extra_kwargs: dict, fresh: bool = False) -> Tracer:
-    """The model's tracer for its current structure (a new one if ``fresh``: re-export)."""
-    key = structure_key(model)
-    by_structure = _TRACERS.setdefault(model, {})
-    if fresh or key not in by_structure:
-        by_structure.clear()            # an old structure's exports are never used again
-        by_structure[key] = Tracer(dynamic, extra_kwargs)
-    return by_structure[key]
+    """The tracer for the model's current structure (a new one if ``fresh``: export again)."""
+    key = (structure_key(model), tuple(sorted(extra_kwargs.items())))
+    if fresh or key not in _TRACERS:
+        _TRACERS[key] = Tracer(dynamic, extra_kwargs)
+    _TRACERS.move_to_end(key)
+    while len(_TRACERS) > _MAX_TRACERS:
+        _TRACERS.popitem(last=False)
+    return _TRACERS[key]
