@@ -1,11 +1,14 @@
-"""Speed and memory of every method on ViT-B/16, as ratios to a plain forward + backward.
+"""Speed and memory of every method, as ratios to a plain forward + backward of the same model.
 
-Builds ``ViTForImageClassification`` from the ``vit-base-patch16-224`` configuration with
-random weights (float32, the model's default SDPA attention), then, in one run and
-interleaved, times a forward + backward of the target logit (the baseline: what a user's
-own gradient computation costs) and each method, at batch 1 and 8. Peak memory is measured
-per configuration in a fresh subprocess (peak resident set size above the loaded model); on a
-GPU (``--device cuda``) as the peak of allocated device memory above the loaded model, in process.
+Builds the model from a default-size configuration with random weights (float32, the model's
+default SDPA attention): ``--model vit-b16`` (default: ``ViTForImageClassification``,
+``vit-base-patch16-224``), ``bert-base-512`` (BERT-base, 512 tokens), ``clip-b32`` (CLIP ViT-B/32
+vision tower with projection; score = the embedding's sum, a callable target), ``swin-t``,
+``dinov2-s``. Then, in one run and interleaved, it times a forward + backward of the explained
+score (the baseline: what a user's own gradient computation costs) and each method, at batch 1
+and 8. Peak memory is measured per configuration in a fresh subprocess (peak resident set size
+above the loaded model); on a GPU (``--device cuda``) as the peak of allocated device memory
+above the loaded model, in process.
 
 ``--baseline PATH`` (a relprop source tree, e.g. ``git worktree add /tmp/old <commit>``) adds that
 version's methods, imported from there under another package name, to the same interleaved loop
@@ -45,13 +48,82 @@ BASELINE = "baseline "           # + method: the same method of the --baseline r
 METHODS = ["transformer_attribution", "rollout", "raw_attention", "attn_gradcam", "partial_lrp", "lrp", "grad_rollout"]
 
 
-def build_model():
+def build_model(name: str = "vit-b16"):
+    """A model of ``MODELS[name]`` from its default-size configuration, random weights, eval mode."""
+    torch.manual_seed(0)
+    return MODELS[name].build().eval()
+
+
+def _vit_b16():
     from transformers import ViTConfig, ViTForImageClassification
 
-    torch.manual_seed(0)
     config = ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
                        image_size=224, patch_size=16, num_labels=1000, layer_norm_eps=1e-12)
-    return ViTForImageClassification(config).eval()
+    return ViTForImageClassification(config)
+
+
+def _bert_base():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    return BertForSequenceClassification(BertConfig(num_labels=2))
+
+
+def _clip_b32():
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(patch_size=32, projection_dim=512))
+
+
+def _swin_t():
+    from transformers import SwinConfig, SwinForImageClassification
+
+    return SwinForImageClassification(SwinConfig(num_labels=1000))      # the default config is Swin-T
+
+
+def _dinov2_s():
+    from transformers import Dinov2Config, Dinov2ForImageClassification
+
+    config = Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, image_size=224,
+                          patch_size=14, num_labels=1000)
+    return Dinov2ForImageClassification(config)
+
+
+class Bench:
+    """One benchmarked model: how to build it, a batch of inputs, and the score explained
+    (the same score the forward + backward baseline differentiates)."""
+
+    def __init__(self, build, kind: str, size: int = 224, length: int = 512):
+        self.build, self.kind, self.size, self.length = build, kind, size, length
+
+    def inputs(self, batch: int, device) -> dict:
+        gen = torch.Generator().manual_seed(1)
+        if self.kind == "text":
+            ids = torch.randint(1000, 20000, (batch, self.length), generator=gen)
+            ids[:, 0] = 101
+            return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
+        return {"pixel_values": torch.randn(batch, 3, self.size, self.size, generator=gen).to(device)}
+
+    def score(self, output, batch: int):
+        """Per-sample score: a logit (classifiers) or the embedding's projection on a fixed direction."""
+        if self.kind == "embedding":
+            direction = torch.ones(output.image_embeds.shape[-1], device=output.image_embeds.device)
+            return output.image_embeds @ direction
+        target = (torch.arange(batch) % output.logits.shape[-1]).to(output.logits.device)
+        return output.logits.gather(1, target[:, None]).squeeze(1)
+
+    def target(self, batch: int, device):
+        if self.kind == "embedding":
+            return lambda output: self.score(output, batch)
+        return (torch.arange(batch) % 1000).to(device) if self.kind != "text" else (torch.arange(batch) % 2).to(device)
+
+
+MODELS = {
+    "vit-b16": Bench(_vit_b16, "image"),
+    "bert-base-512": Bench(_bert_base, "text"),
+    "clip-b32": Bench(_clip_b32, "embedding"),
+    "swin-t": Bench(_swin_t, "image"),
+    "dinov2-s": Bench(_dinov2_s, "image"),
+}
 
 
 def load_reference(path: str):
@@ -182,12 +254,14 @@ def make_runner(model, name, batch, reference_lrp=None, baseline=None):
     import relprop
 
     device = next(model.parameters()).device
-    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1)).to(device)
-    target = (torch.arange(batch) % 1000).to(device)
+    bench = MODELS[getattr(model, "bench_name", "vit-b16")]
+    inputs = bench.inputs(batch, device)
+    x = inputs.get("pixel_values")
+    target = bench.target(batch, device)
     if name == "forward+backward":
         def run():
             model.zero_grad(set_to_none=True)
-            model(pixel_values=x).logits.gather(1, target[:, None]).sum().backward()
+            bench.score(model(**inputs), batch).sum().backward()
     elif name == REFERENCE:
         targets = target.tolist()
 
@@ -202,7 +276,7 @@ def make_runner(model, name, batch, reference_lrp=None, baseline=None):
         method = name
 
         def run():
-            explainer.explain(x, method, target=target)
+            explainer.explain(inputs, method, target=target)
         run.explainer = explainer
     if device.type != "cuda":
         return run
@@ -239,8 +313,10 @@ def reference_lrp_for(model, reference_path: str):
     return lrp_class(reference_model(model, vision_transformer_class))
 
 
-def peak_memory_child(name: str, batch: int, reference_path: str | None, baseline_path: str | None) -> None:
-    model = build_model()
+def peak_memory_child(model_name: str, name: str, batch: int, reference_path: str | None,
+                      baseline_path: str | None) -> None:
+    model = build_model(model_name)
+    model.bench_name = model_name
     reference_lrp = reference_lrp_for(model, reference_path) if name == REFERENCE else None
     baseline = load_baseline(baseline_path) if name.startswith(BASELINE) else None
     run = make_runner(model, name, batch, reference_lrp, baseline)   # both models are loaded before `before`
@@ -254,11 +330,13 @@ def peak_memory_child(name: str, batch: int, reference_path: str | None, baselin
     print(json.dumps({"peak_bytes": _rss("VmHWM:") - before}))
 
 
-def measure_memory(name: str, batch: int, reference_path: str | None = None, baseline_path: str | None = None) -> int:
+def measure_memory(model_name: str, name: str, batch: int, reference_path: str | None = None,
+                   baseline_path: str | None = None) -> int:
     reference = ["--reference", reference_path] if name == REFERENCE else []
     if name.startswith(BASELINE):
         reference = ["--baseline", baseline_path]
-    out = subprocess.run([sys.executable, __file__, "--memory-child", name, str(batch), *reference],
+    out = subprocess.run([sys.executable, __file__, "--model", model_name, "--memory-child", name, str(batch),
+                          *reference],
                          capture_output=True, text=True, check=True,
                          env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
@@ -266,6 +344,9 @@ def measure_memory(name: str, batch: int, reference_path: str | None = None, bas
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(MODELS), default="vit-b16",
+                        help="vit-b16 (default), bert-base-512 (512 tokens), clip-b32 (vision tower + projection, "
+                             "score = the embedding's sum), swin-t, dinov2-s; default-size configs, random weights")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--methods", nargs="+", default=METHODS)
@@ -280,11 +361,14 @@ def main() -> None:
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        peak_memory_child(args.memory_child[0], int(args.memory_child[1]), args.reference, args.baseline)
+        peak_memory_child(args.model, args.memory_child[0], int(args.memory_child[1]), args.reference, args.baseline)
         return
-    model = build_model().to(args.device)
+    if args.reference and args.model != "vit-b16":
+        raise SystemExit("--reference (the authors' ViT code) works with --model vit-b16 only")
+    model = build_model(args.model).to(args.device)
+    model.bench_name = args.model
     names = ["forward+backward"] + args.methods
-    results = {"threads": torch.get_num_threads(), "torch": torch.__version__, "device": args.device,
+    results = {"model": args.model, "threads": torch.get_num_threads(), "torch": torch.__version__, "device": args.device,
                "load_average_before": os.getloadavg(), "rows": []}   # the machine's other work, 1/5/15 min
     reference_lrp = None
     if args.reference:
@@ -302,7 +386,7 @@ def main() -> None:
         results["gpu"] = torch.cuda.get_device_name()
         memory = lambda name, batch: measure_cuda_memory(model, name, batch, reference_lrp, baseline)  # noqa: E731
     else:
-        memory = lambda name, batch: measure_memory(name, batch, args.reference, args.baseline)  # noqa: E731
+        memory = lambda name, batch: measure_memory(args.model, name, batch, args.reference, args.baseline)  # noqa: E731
     for batch in args.batches:
         runners = {name: make_runner(model, name, batch, reference_lrp, baseline) for name in names}
         for run in runners.values():       # warm-up (a method's first call on the model exports its graph)

@@ -34,6 +34,15 @@ class Pass:
     dtype: torch.dtype = torch.float32
 
 
+    def release_graph(self) -> None:
+        """Detach every kept value once the gradients are taken: otherwise their autograd
+        history would keep the whole backward graph (and its saved tensors) alive during the
+        relevance propagation."""
+        self.values = [v.detach() if isinstance(v, torch.Tensor) and v.requires_grad else v for v in self.values]
+        self.attention = [a.detach() for a in self.attention]
+        self.outputs = [o.detach() if isinstance(o, torch.Tensor) else o for o in self.outputs]
+
+
 def _resolve(obj, values):
     if isinstance(obj, Ref):
         return values[obj.index]

@@ -199,6 +199,9 @@ class Explainer:
                 scores = score_of(output)
                 found = torch.autograd.grad(scores.sum(), [fwd.attention[sites[b]] for b in blocks])
                 grads = dict(zip(blocks, found))
+                del scores
+            fwd.release_graph()
+            output = _unflatten(program, fwd.outputs)
         with torch.inference_mode(False), torch.no_grad():
             relevance = engine.Relevance()
             if rules is not None:
