@@ -125,7 +125,7 @@ class Explanation:
             [B, h, w]; a pixel-level map ([B, H, W]) as it is.
         """
         self._image_only("as_grid()")
-        if self.is_pixel_level:
+        if self.is_pixel_level or self.grid is None:       # no grid: a pixel-level map (_image_only)
             return self.relevance
         return self.relevance.reshape(-1, *self.grid)
 
@@ -144,9 +144,9 @@ class Explanation:
             [B, H, W]; a pixel-level map of that size as it is.
         """
         self._image_only("upsampled()")
-        size = tuple(size or self.input_size)
+        size = size or self.input_size
         grid = self.as_grid()
-        if tuple(grid.shape[-2:]) == size:
+        if size is None or tuple(grid.shape[-2:]) == tuple(size):
             return grid
         return F.interpolate(grid[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
