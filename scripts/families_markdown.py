@@ -1,6 +1,6 @@
 """The README's "Supported families" table, generated from the family registry.
 
-The registry (`relprop.families.FAMILIES`) is the one source of what relprop supports; the
+The registry (`FAMILIES` in `relprop/families.py`) is the one source of what relprop supports; the
 README section between the ``families:start`` / ``families:end`` markers is this script's
 output, and a test checks that it is up to date. After registering a family:
 

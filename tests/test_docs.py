@@ -2,6 +2,7 @@
 name, the README's families table is the registry's, and the public API has numpy docstrings."""
 from __future__ import annotations
 
+import importlib
 import inspect
 import re
 from pathlib import Path
@@ -9,10 +10,10 @@ from pathlib import Path
 import pytest
 
 import relprop
-from relprop import families as families_module
 from relprop import rules
 from tests.conftest import load_script
 
+families_module = importlib.import_module("relprop.families")    # relprop.families is the function
 ROOT = Path(__file__).resolve().parent.parent
 FAMILIES_MARKDOWN = load_script(ROOT / "scripts" / "families_markdown.py")
 EXCERPT = re.compile(r"<!-- excerpt: (?P<path>\S+) -->\n```python\n(?P<code>.*?)\n```", re.S)
@@ -94,12 +95,21 @@ def test_families_section_replacement_keeps_the_rest_of_the_readme():
         FAMILIES_MARKDOWN.section("no markers here")
 
 
+def test_families_function_is_public_and_the_registry_still_importable():
+    from relprop.families import FAMILIES
+
+    # error messages tell users to call relprop.families()
+    assert relprop.families() == families_module.families()
+    assert [line.split(":")[0] for line in relprop.families()] == [f.name for f in FAMILIES]
+    assert "BERT: BertForSequenceClassification" in relprop.families()
+
+
 # -- numpy-style docstrings on the public API -------------------------------------------------
 PUBLIC = [relprop.Explainer, relprop.Explainer.explain, relprop.Explainer.logits, relprop.Explainer.refresh,
           relprop.Explainer.class_index, relprop.Explainer.program, relprop.Explainer.modality,
           relprop.Explainer.labels, relprop.Explanation, relprop.Explanation.as_grid,
           relprop.Explanation.upsampled, relprop.Explanation.normalized, relprop.Internals, relprop.methods,
-          relprop.normalize, families_module.families, families_module.Family, families_module.family_of,
+          relprop.normalize, relprop.families, families_module.Family, families_module.family_of,
           families_module.register_family, rules.RuleSet, rules.Preset, rules.get_rule_set]
 
 
