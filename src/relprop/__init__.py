@@ -5,10 +5,13 @@ CVPR 2021) and the baselines it compares against, on Hugging Face and timm model
 """
 from .errors import InputError, OptionError, RelpropError, UnknownMethodError, UnsupportedModelError
 from .explainer import Explainer
+# the function: error messages send users to relprop.families(); the registry itself is read
+# with `from relprop.families import FAMILIES` (the submodule stays importable that way)
+from .families import families
 from .attributions import method_names as methods  # the function; the subpackage is relprop.attributions
 from .result import Explanation, Internals, normalize
 
 __version__ = "0.1.0"
 
-__all__ = ["Explainer", "Explanation", "Internals", "methods", "normalize", "RelpropError", "InputError",
+__all__ = ["Explainer", "Explanation", "Internals", "families", "methods", "normalize", "RelpropError", "InputError",
            "OptionError", "UnknownMethodError", "UnsupportedModelError"]

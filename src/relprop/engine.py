@@ -114,7 +114,9 @@ def forward(program: Program, inputs: dict[str, torch.Tensor], weights: dict[str
             values[index] = program.constants[name]
         else:
             values[index] = weights[name]
-    attention, bias, site_of_step = [], {}, {}
+    attention: list[torch.Tensor] = []
+    bias: dict[int, Any] = {}
+    site_of_step: dict[int, int] = {}
     sites = {step: i for i, step in enumerate(program.attention_sites)}
     grad_step = None if grad_site is None else program.attention_sites[grad_site]
     for step in steps:

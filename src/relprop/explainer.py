@@ -33,8 +33,8 @@ class Explainer:
         A supported Hugging Face or timm classifier, used as is: its weights are read, never
         changed; no hooks; its train/eval mode and attention implementation are left alone
         and do not matter (explanations always use inference behaviour, i.e. no dropout). A
-        subclass of a supported class is explained as that class computes (an overridden
-        ``forward`` is not looked at). All its weights must be real (not on the ``meta``
+        subclass of a supported class is accepted (its own ``forward`` is what gets exported
+        and explained). All its weights must be real (not on the ``meta``
         device), floating point and on one device.
     dtype : torch.dtype, optional
         ``torch.float32`` or ``torch.float64`` (``torch.float64`` for reference-grade numbers;
@@ -79,6 +79,7 @@ class Explainer:
 
     @property
     def modality(self) -> str:
+        """``"image"`` or ``"text"``: the model family's inputs."""
         return self.family.modality
 
     @property
@@ -118,8 +119,17 @@ class Explainer:
             self._reread(retrace=False)
 
     def class_index(self, target: Union[int, str]) -> int:
-        """The class index of ``target``: an int is returned as is, a str is looked up in
-        the model's labels (``config.id2label``; exact name, else a unique case-insensitive match).
+        """The class index of ``target``.
+
+        Parameters
+        ----------
+        target : int or str
+            An int is returned as is; a str is looked up in the model's labels
+            (``config.id2label``; exact name, else a unique case-insensitive match).
+
+        Returns
+        -------
+        int
         """
         if isinstance(target, bool) or not isinstance(target, (numbers.Integral, str)):
             raise InputError(f"a target class must be an int index or a label name (str), "
@@ -129,7 +139,19 @@ class Explainer:
         return label_index(target, self.labels)
 
     def program(self, inputs: Any) -> tuple[Program, Prepared]:
-        """The exported graph for ``inputs`` (exported on first use per input signature)."""
+        """The model's exported graph for ``inputs`` (exported on first use per input signature).
+
+        Parameters
+        ----------
+        inputs
+            As for `explain`.
+
+        Returns
+        -------
+        tuple of (graph.Program, inputs.Prepared)
+            The program (its ``steps`` carry each operation's kind and module) and the
+            checked inputs.
+        """
         self._sync()
         # the structure (module settings such as a norm's eps, patched forwards, hooks) is
         # checked at every call: a changed one gets its own export
@@ -235,7 +257,18 @@ class Explainer:
                            modality=self.family.modality)
 
     def logits(self, inputs: Any) -> torch.Tensor:
-        """The model's logits as relprop computes them (equal to the model's own)."""
+        """The model's logits as relprop computes them (equal to the model's own).
+
+        Parameters
+        ----------
+        inputs
+            As for `explain`.
+
+        Returns
+        -------
+        torch.Tensor
+            [B, classes].
+        """
         program, prepared = self.program(inputs)
         with torch.no_grad():
             fwd = engine.forward(program, prepared.kwargs, self.weights, self.dtype)

@@ -49,6 +49,12 @@ class Family:
         The forward argument that takes the images.
     check : callable, optional
         ``model -> None``; raises `UnsupportedModelError` for a configuration that cannot work.
+    library : str
+        ``"transformers"`` (the model must also be a ``PreTrainedModel``) or ``"timm"``.
+    example : str
+        A model of the family, shown in the README.
+    method_defaults : dict
+        Method name -> option defaults; empty: the vision or text defaults (the authors' code).
     """
 
     name: str
@@ -72,12 +78,29 @@ FAMILIES: list[Family] = []
 
 
 def register_family(family: Family) -> Family:
+    """Add ``family`` to the registry (`FAMILIES`); see CONTRIBUTING.md.
+
+    Parameters
+    ----------
+    family : Family
+
+    Returns
+    -------
+    Family
+        ``family`` itself.
+    """
     FAMILIES.append(family)
     return family
 
 
 def families() -> list[str]:
-    """Names of the supported model families, with the classes each covers."""
+    """The supported model families (``relprop.families()``).
+
+    Returns
+    -------
+    list of str
+        ``"<family>: <class>, <class>, ..."`` per registered family.
+    """
     return [f"{f.name}: {', '.join(f.classes)}" for f in FAMILIES]
 
 
@@ -92,6 +115,22 @@ def class_names(model: Any) -> list[str]:
 
 
 def family_of(model: torch.nn.Module) -> Family:
+    """The registered family of ``model``: the first match of its most derived class.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+
+    Returns
+    -------
+    Family
+
+    Raises
+    ------
+    UnsupportedModelError
+        If no family covers the model (the message lists the families), or the family's
+        ``check`` refuses its configuration.
+    """
     names = class_names(model)
     for name in names:                       # the most derived class decides
         for family in FAMILIES:

@@ -25,13 +25,13 @@ def output_dir(path: PathLike, option: str = "--out") -> Path:
     return folder
 
 
-def atomic_write(path: PathLike, write: Callable[[IO], None], binary: bool = True) -> Path:
+def atomic_write(path: PathLike, write: Callable[[IO], object], binary: bool = True) -> Path:
     """Call ``write(handle)`` on a temporary file beside ``path``, then move it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
-        with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as handle:
+        with (open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8")) as handle:
             write(handle)
         os.replace(tmp, path)
     finally:

@@ -158,11 +158,17 @@ def bounded_input_rule(x_patches: torch.Tensor, weight: torch.Tensor, relevance:
 class Preset:
     """How the authors' code treats the structures in which their vision and text models differ.
 
-    ``projection_fork``: the query, key and value projections of one input are one fused layer
-    in the vision code (their relevances are summed, ``"sum"``) and three layers behind a
-    ``Clone`` in the text code (``"clone"``). ``attention_mask``: the text code adds the mask to
-    the scores and splits relevance between them with the addition rule (``"add"``); without
-    padding (vision) a mask is ignored (``"ignore"``).
+    Parameters
+    ----------
+    name : str
+        ``"vision"`` or ``"text"`` (the keys of `PRESETS`, named by `families.Family.preset`).
+    projection_fork : str
+        The query, key and value projections of one input are one fused layer in the vision
+        code (their relevances are summed, ``"sum"``) and three layers behind a ``Clone`` in
+        the text code (``"clone"``).
+    attention_mask : str
+        The text code adds the mask to the scores and splits relevance between them with the
+        addition rule (``"add"``); without padding (vision) a mask is ignored (``"ignore"``).
     """
 
     name: str
@@ -175,8 +181,21 @@ PRESETS = {"vision": Preset("vision", "sum", "ignore"), "text": Preset("text", "
 
 @dataclass(frozen=True)
 class RuleSet:
-    """The rules used for one explanation: the numerical linear and addition rules, and the
-    table op kind -> rule (`oprules`) the engine looks each operation up in."""
+    """The rules used for one explanation (``explain(..., rules=name)``).
+
+    Parameters
+    ----------
+    name : str
+        The name methods' ``rules`` option selects it by (`RULE_SETS`).
+    linear : LinearRule
+        The numerical rule for linear layers (z+ with one shared denominator or two separate ones).
+    add : AddRule
+        The numerical rule for additions of two data tensors (residual connections).
+    ops : mapping of str to callable
+        Op kind (`graph` assigns one to each operation) -> rule ``(ctx, relevance) -> list``
+        returning one relevance per data input of the step (`oprules`). An operation on the
+        relevance path whose kind has no entry raises `UnsupportedModelError`.
+    """
 
     name: str
     linear: LinearRule
@@ -192,6 +211,21 @@ RULE_SETS = {PAPER.name: PAPER, PLAIN.name: PLAIN}
 
 
 def get_rule_set(name: str | RuleSet) -> RuleSet:
+    """The rule set called ``name`` (``"paper"`` or ``"plain"``); a `RuleSet` is returned as is.
+
+    Parameters
+    ----------
+    name : str or RuleSet
+
+    Returns
+    -------
+    RuleSet
+
+    Raises
+    ------
+    OptionError
+        For an unknown name (the message lists the known ones).
+    """
     if isinstance(name, RuleSet):
         return name
     try:

@@ -1,4 +1,4 @@
-"""The timm adapter on real timm models, and the stand-ins in tests/timm_style.py checked
+"""The timm family on real timm models, and the stand-ins in tests/timm_style.py checked
 against them (runs where timm imports: it needs torchvision)."""
 from __future__ import annotations
 

@@ -82,6 +82,13 @@ def get_method(name: str) -> Method:
 
 
 def method_names() -> list[str]:
+    """The registered explanation methods (``relprop.methods()``).
+
+    Returns
+    -------
+    list of str
+        Method names, sorted; each is a valid ``method`` of `relprop.Explainer.explain`.
+    """
     return sorted(_REGISTRY)
 
 

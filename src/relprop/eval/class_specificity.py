@@ -53,7 +53,8 @@ OUTPUT_FILES = (RESULTS_FILE, SUMMARY_FILE, TABLE_FILE, PLOT_FILE)
 class PairLike(Protocol):
     """A two-item sample: ``load()`` -> (RGB image, (mask_a, mask_b), (label_a, label_b))."""
 
-    id: str
+    @property
+    def id(self) -> str: ...
 
     def load(self) -> tuple[Image.Image, tuple[np.ndarray, np.ndarray], tuple[int, int]]: ...
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -267,7 +267,8 @@ def _prepare_perturbation(args, model, size, norm) -> Callable[[Any], dict[str, 
     if args.format == "fashion":
         if args.labels is not None:
             raise UsageError("--labels does not apply to --format fashion (labels are the Fashion-MNIST classes)")
-        label_map, samples = None, fashion.canvas_images(root=args.data)[: args.limit]
+        label_map = None
+        samples: Sequence[datasets.Labelled] = fashion.canvas_images(root=args.data)[: args.limit]
         identity = _identity(args, _fashion_data(args, labels="fashion-mnist"))
     else:
         label_map = _label_map(args.labels, model)

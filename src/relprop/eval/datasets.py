@@ -13,6 +13,8 @@ from (``sources``), which the run folder's data fingerprint is made of.
 from __future__ import annotations
 
 import json
+from functools import partial
+from typing import Protocol
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,19 @@ def _read_rgb(path: Path) -> Image.Image:
 
 def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+class Labelled(Protocol):
+    """A classification sample as the perturbation benchmark reads it (`LabelledImage`,
+    `fashion.CanvasImage`)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def label(self) -> int: ...
+
+    def load(self) -> Image.Image: ...
 
 
 @dataclass(frozen=True)
@@ -150,7 +165,7 @@ def mat_segmentation(path: str | Path) -> list[SegmentationSample]:
         raise InputError(f"{path} is not a MATLAB v7.3 (HDF5) file with /value/img and /value/gt: {error}") from None
     if n == 0:
         raise InputError(f"no images in {path}")
-    return [SegmentationSample(str(i), lambda i=i: reader(i), (path,)) for i in range(n)]
+    return [SegmentationSample(str(i), partial(reader, i), (path,)) for i in range(n)]
 
 
 def mask_folder(root: str | Path) -> list[SegmentationSample]:
@@ -177,7 +192,7 @@ def mask_folder(root: str | Path) -> list[SegmentationSample]:
                 mask = mask.convert(mask.mode[:-1])
             return _read_rgb(image_path), np.array(mask)
 
-    samples = [SegmentationSample(p.name, lambda p=p: loader(p), (p, *([masks[p.stem]] if p.stem in masks else [])))
+    samples = [SegmentationSample(p.name, partial(loader, p), (p, *([masks[p.stem]] if p.stem in masks else [])))
                for p in sorted(p for p in images_dir.iterdir() if _is_image(p))]
     if not samples:
         raise InputError(f"no images in {images_dir} (one of {', '.join(sorted(IMAGE_EXTENSIONS))})")

@@ -17,6 +17,7 @@ identity (``canvas_identity``) so that records made with other canvases are neve
 from __future__ import annotations
 
 import os
+from functools import partial
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -111,7 +112,7 @@ def canvas_segmentation(n: int | None = None, split: str = "test", seed: int = 0
         return Image.fromarray(image), mask.astype(np.uint8)
 
     sources = split_files(split, root)
-    return [SegmentationSample(_sample_id(split, seed, i), lambda i=i: loader(i), sources)
+    return [SegmentationSample(_sample_id(split, seed, i), partial(loader, i), sources)
             for i in _ids(split, seed, n, start, root)]
 
 

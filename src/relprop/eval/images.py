@@ -22,8 +22,8 @@ from ..errors import InputError
 class Normalization:
     """Per-channel ``(x - mean) / std`` of the model's image processor."""
 
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise a [B, 3, H, W] batch of [0, 1] images."""

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..result import normalize
-from .datasets import LabelledImage
+from .datasets import Labelled
 from .images import Normalization, blurred, to_unit_tensor
 from .metrics import PERTURBATION_FRACTIONS, perturbation_auc
 from .report import plot_perturbation
@@ -82,6 +82,7 @@ def ranking_scores(res: Explanation, config: PerturbationConfig) -> torch.Tensor
         scores = res.upsampled(size=(height, width))
     else:
         p = config.patch_size
+        assert p, "rank='patch' needs patch_size (checked by PerturbationConfig)"
         grid = (height // p, width // p)
         relevance = res.relevance.detach()
         if relevance.dim() == 2:  # one score per patch token
@@ -131,7 +132,7 @@ def perturbed_predictions(logits_fn, images: torch.Tensor, masks: torch.Tensor,
     return torch.cat(preds).reshape(b, s)
 
 
-def _load(sample: LabelledImage, config: PerturbationConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _load(sample: Labelled, config: PerturbationConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
     image = sample.load()
     blur = to_unit_tensor(blurred(image), config.image_size) if config.replace == "blur" else None
     return to_unit_tensor(image, config.image_size), blur
@@ -141,7 +142,7 @@ def _load(sample: LabelledImage, config: PerturbationConfig) -> tuple[torch.Tens
 class _Batch:
     """Loaded images of one batch, shared by all methods."""
 
-    samples: list[LabelledImage]
+    samples: list[Labelled]
     images: torch.Tensor  # [B, 3, H, W] in [0, 1]
     replacement: torch.Tensor  # values of removed pixels, broadcast to the images
     labels: torch.Tensor
@@ -186,7 +187,7 @@ def _method_records(explainer: Explainer, logits_fn, method: str, batch: _Batch,
 def run_perturbation(
     model: torch.nn.Module,
     explainer: Explainer,
-    samples: Sequence[LabelledImage],
+    samples: Sequence[Labelled],
     methods: Sequence[str],
     out_dir: str | Path,
     config: PerturbationConfig = PerturbationConfig(),
@@ -214,7 +215,7 @@ def run_perturbation(
           ResultStore(run.folder / RESULTS_FILE, ("cfg", "method", "mode", "id")) as store):
         run.check_records(store.records.values())
 
-        def todo(sample: LabelledImage, method: str) -> list[str]:
+        def todo(sample: Labelled, method: str) -> list[str]:
             return [m for m in config.modes if (run.cfg, method, m, sample.id) not in store]
 
         pending = pending_samples(samples, lambda s: not any(todo(s, m) for m in methods))

@@ -36,7 +36,7 @@ from ..files import atomic_write_text, output_dir
 try:
     import fcntl
 except ImportError:  # Windows: no flock; runs are then not protected from each other
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
 
 log = logging.getLogger(__name__)
 

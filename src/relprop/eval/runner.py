@@ -21,7 +21,12 @@ from .rundir import Run
 
 log = logging.getLogger(__name__)
 
-S = TypeVar("S")
+class Sample(Protocol):
+    @property
+    def id(self) -> str: ...
+
+
+S = TypeVar("S", bound=Sample)
 T = TypeVar("T")
 
 

@@ -14,7 +14,7 @@ import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, TextIO
 
 from ..files import atomic_write_text
 
@@ -30,7 +30,7 @@ class ResultStore:
         self.path = Path(path)
         self.key_fields = key_fields
         self.records: dict[tuple, Record] = {}
-        self._file = None
+        self._file: Optional[TextIO] = None
         self._recover()
 
     def key(self, record: Record) -> tuple:

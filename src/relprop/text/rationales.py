@@ -109,8 +109,9 @@ def read_zaidan(archive: Path) -> Iterator[TaggedReview]:
     texts: dict[str, str] = {}
     with tarfile.open(archive) as tar:
         for member in tar:  # in stream order: seeking back in a .gz re-decompresses
-            if member.isfile() and FILE_RE.fullmatch(Path(member.name).name):
-                texts[member.name] = tar.extractfile(member).read().decode("utf-8")
+            handle = tar.extractfile(member) if member.isfile() else None    # None: not a regular file
+            if handle is not None and FILE_RE.fullmatch(Path(member.name).name):
+                texts[member.name] = handle.read().decode("utf-8")
     for name in sorted(texts, key=lambda n: Path(n).name):
         docid = Path(name).name
         label = _match_name(docid)["pol"].upper()

@@ -10,9 +10,9 @@ import numpy as np
 
 def _scaled(values: Sequence[float]) -> np.ndarray:
     """Relevance in [-1, 1], scaled by the largest magnitude (0 stays white)."""
-    values = np.nan_to_num(np.asarray(values, dtype=float))
-    peak = np.abs(values).max() if values.size else 0.0
-    return values / peak if peak > 0 else np.zeros_like(values)
+    array = np.nan_to_num(np.asarray(values, dtype=float))
+    peak = np.abs(array).max() if array.size else 0.0
+    return array / peak if peak > 0 else np.zeros_like(array)
 
 
 def _rgb(value: float) -> tuple[int, int, int]:
