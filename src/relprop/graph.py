@@ -158,7 +158,9 @@ def _walk(obj, fn):
 def export_model(model: torch.nn.Module, inputs: dict[str, torch.Tensor], dynamic: dict[str, tuple[int, ...]],
                  extra_kwargs: Optional[dict] = None) -> "torch.export.ExportedProgram":
     """`torch.export` the model in inference mode; its train/eval flags are restored after."""
-    flags = [(m, m.training) for m in model.modules()]
+    # the export runs the model's forward, which may set attributes (Swin sets its blocks'
+    # shift and window sizes on first use): every module's attributes are put back afterwards
+    saved = [(m, dict(vars(m))) for m in model.modules()]
     if any(t.is_inference() for t in model.state_dict(keep_vars=True).values()):
         # export cannot trace weights made under torch.inference_mode: it traces a copy (the
         # graph is all it keeps; the weights are read from the model itself at every run)
@@ -179,8 +181,13 @@ def export_model(model: torch.nn.Module, inputs: dict[str, torch.Tensor], dynami
             f"{first[:300]}); relprop explains a model through its exported graph. Check that the model runs "
             f"on these inputs; see relprop.families() for the families known to trace") from error
     finally:
-        for module, training in flags:
-            module.training = training
+        for module, attributes in saved:
+            state = vars(module)
+            for name in [k for k in state if k not in attributes]:
+                del state[name]
+            for name, value in attributes.items():
+                if state.get(name, attributes) is not value:
+                    state[name] = value
 
 
 def build_program(exported, input_names: list[str]) -> Program:
