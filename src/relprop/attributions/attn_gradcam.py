@@ -1,7 +1,6 @@
 """Grad-CAM on the last block's attention (the paper's GradCAM baseline)."""
 from __future__ import annotations
 
-
 from ..errors import OptionError
 from ..result import normalize as normalize_maps
 from .base import Method, Requirements, register
