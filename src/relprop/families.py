@@ -230,6 +230,10 @@ def _swin_grids(model, grid: tuple[int, int]) -> list[tuple[int, int]]:
 
 
 # Swin: window attention (shifted in every other block) over a token grid that each patch merging
-# halves; no class token, the classifier reads the average of the last stage's tokens
+# halves; no class token, the classifier reads the average of the last stage's tokens. The methods
+# on it (README, "Swin"): each block's A, ∇A, R_A placed over its stage's token grid (block diagonal
+# in the windows, through the cyclic shift; `relprop.tokens`); the pooled row = the mean of all rows;
+# across a patch merging a row goes to the 2x2 finer tokens, shared equally (attn_gradcam: copied);
+# maps over the first stage's grid (image / patch).
 register_family(Family("Swin", ("SwinForImageClassification",), "image", prefix_tokens=lambda model: 0,
                        readout="mean", token_grids=_swin_grids, example="microsoft/swin-tiny-patch4-window7-224"))
