@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from . import engine
+from . import engine, tokens
 from .errors import InputError, OptionError, UnsupportedModelError, did_you_mean
 from .families import Family, family_of, labels_of
 from .graph import Program, tracer_for
@@ -233,14 +233,26 @@ class Explainer:
                                              collect=frozenset() if input_point is None else frozenset({input_point}))
             attention = [fwd.attention[s].detach() for s in sites]
             attention_relevance = {b: relevance.attention[s] for b, s in enumerate(sites) if s in relevance.attention}
+            layout = self._layout(fwd, sites, prepared)
+            if layout is not None:          # window attention -> one matrix over each block's tokens
+                attention = [layout.globalize(b, a, prepared.batch) for b, a in enumerate(attention)]
+                grads = {b: layout.globalize(b, g, prepared.batch) for b, g in grads.items()}
+                attention_relevance = {b: layout.globalize(b, r, prepared.batch)
+                                       for b, r in attention_relevance.items()}
             valid = prepared.valid
             num_tokens = attention[0].shape[-1]
             if valid is None:
                 valid = torch.ones(prepared.batch, num_tokens, dtype=torch.bool, device=self.device)
             prefix = self.family.prefix_tokens(self.model) if self.family.modality == "image" else 0
             content = torch.arange(prefix, num_tokens, device=self.device)
+            readout = None
+            if self.family.readout == "mean":       # an average pool of the last block's tokens
+                last_tokens = attention[-1].shape[-1]
+                readout = torch.full((prepared.batch, last_tokens), 1.0 / last_tokens, dtype=attention[-1].dtype,
+                                     device=self.device)
             trace = Trace(attention=attention, attention_grad=grads, attention_relevance=attention_relevance,
-                          rows=[None] * num_blocks, valid=valid, content=content, token=0)
+                          rows=[None] * num_blocks, valid=valid, content=content, token=0, readout=readout,
+                          parents=None if layout is None else layout.parents)
             if needs.input_relevance:
                 trace.input_relevance = self._input_relevance(relevance.at[input_point])
             scores = chosen(trace, **options)
@@ -255,6 +267,14 @@ class Explainer:
                            input_size=tuple(prepared.extras["pixels"].shape[-2:]) if "pixels" in prepared.extras else None,
                            mask=prepared.extras.get("attention_mask"), internals=internals,
                            modality=self.family.modality)
+
+    def _layout(self, fwd: engine.Pass, sites: list[int], prepared: Prepared) -> Optional[tokens.Layout]:
+        """The token layout of a hierarchical family (see `relprop.tokens`); None for the others."""
+        if self.family.token_grids is None:
+            return None
+        grids = self.family.token_grids(self.model, prepared.extras["grid"])
+        steps = [fwd.program.attention_sites[s] for s in sites]
+        return tokens.layout(fwd, steps, grids, prepared.batch, type(self.model).__name__)
 
     def logits(self, inputs: Any) -> torch.Tensor:
         """The model's logits as relprop computes them (equal to the model's own).

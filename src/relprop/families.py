@@ -55,6 +55,14 @@ class Family:
         A model of the family, shown in the README.
     method_defaults : dict
         Method name -> option defaults; empty: the vision or text defaults (the authors' code).
+    readout : str
+        How the class scores read the tokens: ``"token"`` (the pooled token's row, token 0) or
+        ``"mean"`` (an average pool of all tokens: the pooled row is the mean of all rows).
+    token_grids : callable, optional
+        ``(model, patch grid) -> [(rows, cols)]``, one per explained attention block: the token
+        grid the block attends over, for hierarchical models whose attention runs in windows and
+        whose grid shrinks at each patch merging (Swin; see `relprop.tokens`). None: every block
+        attends over the same token sequence.
     """
 
     name: str
@@ -69,6 +77,8 @@ class Family:
     library: str = "transformers"
     example: str = ""
     method_defaults: dict = field(default_factory=dict)
+    readout: str = "token"
+    token_grids: Optional[Callable[[Any, tuple[int, int]], list[tuple[int, int]]]] = None
 
     def defaults(self) -> dict:
         return self.method_defaults or (VISION_DEFAULTS if self.modality == "image" else TEXT_DEFAULTS)
@@ -247,3 +257,22 @@ register_family(Family("BERT", ("BertForSequenceClassification",), "text", prese
 register_family(Family("RoBERTa", ("RobertaForSequenceClassification", "XLMRobertaForSequenceClassification"),
                        "text", preset="text"))
 register_family(Family("DistilBERT", ("DistilBertForSequenceClassification",), "text", preset="text"))
+
+
+def _swin_grids(model, grid: tuple[int, int]) -> list[tuple[int, int]]:
+    """Swin: the patch grid in the first stage, halved (rounded up) by each patch merging."""
+    grids, (rows, cols) = [], grid
+    for depth in model.config.depths:
+        grids += [(rows, cols)] * depth
+        rows, cols = (rows + 1) // 2, (cols + 1) // 2
+    return grids
+
+
+# Swin: window attention (shifted in every other block) over a token grid that each patch merging
+# halves; no class token, the classifier reads the average of the last stage's tokens. The methods
+# on it (README, "Swin"): each block's A, ∇A, R_A placed over its stage's token grid (block diagonal
+# in the windows, through the cyclic shift; `relprop.tokens`); the pooled row = the mean of all rows;
+# across a patch merging a row goes to the 2x2 finer tokens, shared equally (attn_gradcam: copied);
+# maps over the first stage's grid (image / patch).
+register_family(Family("Swin", ("SwinForImageClassification",), "image", prefix_tokens=lambda model: 0,
+                       readout="mean", token_grids=_swin_grids, example="microsoft/swin-tiny-patch4-window7-224"))

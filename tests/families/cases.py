@@ -141,4 +141,4 @@ for _name, _options in (("timm_vit", {}), ("timm_deit_distilled", {"distilled": 
                   forward=_timm_forward, logits=lambda output: output))
 
 # further families register their cases in these modules
-from tests.families import cases_text, cases_vision  # noqa: E402,F401
+from tests.families import cases_swin, cases_text, cases_vision  # noqa: E402,F401

@@ -1,8 +1,6 @@
 """Grad-CAM on the last block's attention (the paper's GradCAM baseline)."""
 from __future__ import annotations
 
-import torch
-
 from ..errors import OptionError
 from ..result import normalize as normalize_maps
 from .base import Method, Requirements, register
@@ -17,7 +15,9 @@ class AttnGradCAM(Method):
     ``scope="cls_row"`` (the authors' vision code): w_h averages the pooled token's gradient
     row over the content tokens, and the map is that row. ``scope="matrix"`` (their text
     code): w_h averages the whole (unpadded) matrix, the map is computed and normalised on
-    the whole matrix, and the pooled row is returned.
+    the whole matrix, and the pooled row is returned. The pooled row of an average-pooled model
+    (Swin) is the mean of all rows; its coarse last-stage map is upsampled to the first token
+    grid by copying each token's value to the tokens it was merged from.
     """
 
     name = "attn_gradcam"
@@ -32,17 +32,18 @@ class AttnGradCAM(Method):
     def __call__(self, trace, scope, normalize):
         last = trace.num_blocks - 1
         attention, grad = trace.attention[last], trace.attention_grad[last]
-        content = torch.zeros_like(trace.valid)
-        content[:, trace.content] = True
-        content &= trace.valid
         if scope == "cls_row":
+            content = trace.content_mask(last)
             grad_row = trace.row(grad, last)                                  # [B, H, N]
             weights = (grad_row * content[:, None]).sum(-1) / content.sum(-1)[:, None]
             cam = (trace.row(attention, last) * weights[..., None]).mean(dim=1).clamp(min=0)
-            return normalize_maps(cam, content) if normalize else cam
-        pair = trace.valid[:, :, None] & trace.valid[:, None, :]             # [B, N, N]
+            # a coarse last grid (Swin) is upsampled as Grad-CAM upsamples: each token's value copied
+            cam = trace.to_first(cam, last, share=False)
+            return normalize_maps(cam, trace.content_mask(0)) if normalize else cam
+        valid = trace.valid_mask(last)
+        pair = valid[:, :, None] & valid[:, None, :]                         # [B, N, N]
         weights = (grad * pair[:, None]).sum((-1, -2)) / pair.sum((-1, -2))[:, None]
         cam = (attention * weights[..., None, None]).mean(dim=1).clamp(min=0)
         if normalize:
             cam = normalize_maps(cam, pair)
-        return cam[:, trace.token]
+        return trace.to_first(trace.row(cam, last), last, share=False)

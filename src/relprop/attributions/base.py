@@ -26,27 +26,78 @@ class Trace:
 
     The last block may have been evaluated for the pooled rows only; use `row` to read a
     token's row of any block.
+
+    The pooled row is row ``token`` of a block's matrix, or, where the model average-pools its
+    tokens (``readout`` set), the ``readout``-weighted sum of all rows. In a hierarchical model
+    (Swin) later blocks attend over a coarser token grid: ``parents[b]`` gives, for each token of
+    block ``b``, the token of block ``b + 1`` it was merged into (None: the same tokens), and
+    `descend` / `to_first` carry a row over a block's tokens down to block 0's tokens, over which
+    every method reports.
     """
 
     attention: list[torch.Tensor]                     # [B, H, R, N]
     attention_grad: dict[int, torch.Tensor]
     attention_relevance: dict[int, torch.Tensor]
     rows: list[Optional[list[int]]]                   # per block: computed query rows (None = all)
-    valid: torch.Tensor                               # [B, N] real tokens
+    valid: torch.Tensor                               # [B, N] real tokens (block 0's tokens)
     content: torch.Tensor                             # token indices a map reports on
     token: int = 0                                    # the pooled ([CLS]) token
     input_relevance: Optional[torch.Tensor] = None
+    readout: Optional[torch.Tensor] = None            # [B, N_last] weights of the pooled row (None: `token`)
+    parents: Optional[list[Optional[torch.Tensor]]] = None   # per block < last (see above)
 
     @property
     def num_blocks(self) -> int:
         return len(self.attention)
 
     def row(self, tensor: torch.Tensor, block: int, token: Optional[int] = None) -> torch.Tensor:
-        """Row ``token`` (default: the pooled token) of a [B, H, R, N] or [B, R, N] tensor."""
+        """Row ``token`` (default: the pooled row) of a [B, H, R, N] or [B, R, N] tensor."""
+        if token is None and self.readout is not None:
+            weights = self.readout.reshape(self.readout.shape[:1] + (1,) * (tensor.dim() - 3) + (-1, 1))
+            return (tensor * weights.to(tensor.dtype)).sum(dim=-2)
         token = self.token if token is None else token
         rows = self.rows[block]
         index = token if rows is None else rows.index(token)
         return tensor[..., index, :]
+
+    def descend(self, row: torch.Tensor, block: int, share: bool = True) -> torch.Tensor:
+        """A row over block ``block + 1``'s tokens as a row over block ``block``'s tokens: each
+        merged token's value goes to the tokens it was made of, shared equally among them
+        (``share``: totals are kept) or copied to each."""
+        parents = None if self.parents is None else self.parents[block]
+        if parents is None:
+            return row
+        spread = row[:, parents]
+        if share:
+            counts = torch.bincount(parents, minlength=row.shape[-1]).to(row.dtype)
+            spread = spread / counts[parents]
+        return spread
+
+    def to_first(self, row: torch.Tensor, block: int, share: bool = True) -> torch.Tensor:
+        """A row over block ``block``'s tokens as a row over block 0's tokens (see `descend`)."""
+        for lower in range(block - 1, -1, -1):
+            row = self.descend(row, lower, share)
+        return row
+
+    def is_first_grid(self, block: int) -> bool:
+        """Whether block ``block`` attends over block 0's tokens (no merging below it)."""
+        return self.parents is None or all(p is None for p in self.parents[:block])
+
+    def content_mask(self, block: int) -> torch.Tensor:
+        """[B, N_block] bool: the real content tokens of a block. Past a merging every token is
+        (hierarchical models have neither padding nor prefix tokens)."""
+        if not self.is_first_grid(block):
+            n = self.attention[block].shape[-1]
+            return torch.ones(self.valid.shape[0], n, dtype=torch.bool, device=self.valid.device)
+        content = torch.zeros_like(self.valid)
+        content[:, self.content] = True
+        return content & self.valid
+
+    def valid_mask(self, block: int) -> torch.Tensor:
+        """[B, N_block] bool: the real (non-padding) tokens of a block."""
+        if not self.is_first_grid(block):
+            return self.content_mask(block)
+        return self.valid
 
 
 class Method:
@@ -114,21 +165,30 @@ def head_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 def rollout_row(trace: Trace, mixing, start: int, normalize: bool) -> torch.Tensor:
-    """The pooled token's row of prod_l (M_l + I), l from the last block down to ``start``.
+    """The pooled row of prod_l (M_l + I), l from the last block down to ``start``, over
+    block 0's tokens.
 
     ``mixing(block, token)`` returns a block's head-averaged matrix [B, N, N], or only the
     pooled token's row [B, N] when ``token`` is given (all the last block contributes).
-    Rows are normalised to sum to 1 when ``normalize``.
+    Rows are normalised to sum to 1 when ``normalize``. Across a patch merging the row goes to
+    the finer tokens by `Trace.descend` (shared: a normalised rollout row keeps summing to 1).
     """
     last = trace.num_blocks - 1
-    row = mixing(last, trace.token).clone()
-    row[:, trace.token] += 1
-    if normalize:
-        row = row / row.sum(dim=-1, keepdim=True)
-    for block in range(last - 1, start - 1, -1):
-        matrix = mixing(block, None)
-        matrix = matrix + torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    if trace.readout is None:
+        row = mixing(last, trace.token).clone()
+        row[:, trace.token] += 1
         if normalize:
-            matrix = matrix / matrix.sum(dim=-1, keepdim=True)
+            row = row / row.sum(dim=-1, keepdim=True)
+    else:       # the readout's weighted rows of (M + I), each normalised first
+        matrix = _plus_identity(mixing(last, None), normalize)
+        row = trace.row(matrix, last)
+    for block in range(last - 1, start - 1, -1):
+        row = trace.descend(row, block)
+        matrix = _plus_identity(mixing(block, None), normalize)
         row = (row.unsqueeze(1) @ matrix).squeeze(1)
-    return row
+    return trace.to_first(row, start)
+
+
+def _plus_identity(matrix: torch.Tensor, normalize: bool) -> torch.Tensor:
+    matrix = matrix + torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    return matrix / matrix.sum(dim=-1, keepdim=True) if normalize else matrix

@@ -14,4 +14,4 @@ class PartialLRP(Method):
 
     def __call__(self, trace, rules):
         last = trace.num_blocks - 1
-        return head_mean(trace.row(trace.attention_relevance[last], last).clamp(min=0))
+        return trace.to_first(head_mean(trace.row(trace.attention_relevance[last], last).clamp(min=0)), last)

@@ -1,4 +1,4 @@
-"""Raw attention of the last block: head mean of the pooled token's attention row."""
+"""Raw attention of the last block: head mean of the pooled attention row (over block 0's tokens)."""
 from __future__ import annotations
 
 from .base import Method, Requirements, head_mean, register
@@ -14,4 +14,4 @@ class RawAttention(Method):
 
     def __call__(self, trace):
         last = trace.num_blocks - 1
-        return head_mean(trace.row(trace.attention[last], last))
+        return trace.to_first(head_mean(trace.row(trace.attention[last], last)), last)
