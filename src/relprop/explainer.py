@@ -212,7 +212,8 @@ class Explainer:
             prefix = self.family.prefix_tokens(self.model) if self.family.modality == "image" else 0
             content = torch.arange(prefix, num_tokens, device=self.device)
             trace = Trace(attention=attention, attention_grad=grads, attention_relevance=attention_relevance,
-                          rows=[None] * num_blocks, valid=valid, content=content, token=0)
+                          rows=[None] * num_blocks, valid=valid, content=content, token=0,
+                          readout=_readout_weights(self.family.readout(self.model), content, num_tokens))
             if needs.input_relevance:
                 trace.input_relevance = self._input_relevance(relevance.at[input_point])
             scores = chosen(trace, **options)
@@ -249,7 +250,7 @@ class Explainer:
         """The step whose relevance `lrp` reports: the pixels, or (text) the embeddings' output,
         where the authors' text code stops."""
         if self.family.modality == "image":
-            return next(i for i, what, name in program.inputs if what == "input")
+            return next(i for i, what, name in program.inputs if what == "input" and name == self.family.pixel_input)
         word = self.model.get_input_embeddings()
         path = next(name for name, module in self.model.named_modules() if module is word).rpartition(".")[0]
         inside = [s.index for s in program.steps if s.data and (s.module.startswith(path + ".") or
@@ -406,6 +407,24 @@ def _read_weights(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch
             elif t.is_inference():
                 t = t.clone()
             weights[name] = t
+    return weights
+
+
+READOUTS = ("cls", "mean", "cls+mean")
+
+
+def _readout_weights(readout: str, content: torch.Tensor, num_tokens: int) -> Optional[torch.Tensor]:
+    """The weights of the query rows that make the pooled row (`families.Family.readout`);
+    None for the [CLS] row alone."""
+    if readout not in READOUTS:
+        raise ValueError(f"unknown readout {readout!r}; one of {READOUTS}")
+    if readout == "cls":
+        return None
+    weights = torch.zeros(num_tokens, dtype=torch.float64, device=content.device)
+    weights[content] = 1.0 / len(content)
+    if readout == "cls+mean":
+        weights = weights / 2
+        weights[0] = 0.5
     return weights
 
 

@@ -49,6 +49,18 @@ class Family:
         The forward argument that takes the images.
     check : callable, optional
         ``model -> None``; raises `UnsupportedModelError` for a configuration that cannot work.
+    readout : callable
+        ``model -> str``: which tokens' outputs the model's head reads, i.e. what the methods'
+        "pooled row" (of an attention map, of a rollout) is. ``"cls"``: the [CLS] row (token 0).
+        ``"mean"``: the mean of the content tokens' rows (BEiT with ``use_mean_pooling``: its
+        head reads the mean of the patch tokens). ``"cls+mean"``: half the [CLS] row plus half
+        the content tokens' mean row (DINOv2: its head reads [CLS] concatenated with the mean of
+        the patch tokens, so each half of the features gets half the weight). Prefix tokens
+        other than [CLS] (distillation, register tokens) never take part.
+    prompts : bool
+        The model also takes text prompts (``input_ids``, optional ``attention_mask``, [P, L])
+        that each image is scored against (CLIP zero-shot: class ``p`` is prompt ``p``); they
+        are the same for every image of a batch, and only the images are explained.
     """
 
     name: str
@@ -60,6 +72,8 @@ class Family:
     scope: str = ""
     pixel_input: str = "pixel_values"
     check: Optional[Callable[[Any], None]] = None
+    readout: Callable[[Any], str] = lambda model: "cls"
+    prompts: bool = False
     library: str = "transformers"
     example: str = ""
     method_defaults: dict = field(default_factory=dict)
@@ -198,6 +212,27 @@ def _timm_prefix(model) -> int:
 register_family(Family("ViT", ("ViTForImageClassification",), "image", example="google/vit-base-patch16-224"))
 register_family(Family("DeiT", ("DeiTForImageClassification", "DeiTForImageClassificationWithTeacher"), "image",
                        prefix_tokens=_deit_prefix, example="facebook/deit-base-distilled-patch16-224"))
+def _beit_readout(model) -> str:
+    return "mean" if getattr(model.config, "use_mean_pooling", True) else "cls"
+
+
+def _dinov2_prefix(model) -> int:
+    return 1 + int(getattr(model.config, "num_register_tokens", 0))
+
+
+register_family(Family("BEiT", ("BeitForImageClassification",), "image", readout=_beit_readout,
+                       example="microsoft/beit-base-patch16-224"))
+register_family(Family("DINOv2", ("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification"),
+                       "image", prefix_tokens=_dinov2_prefix, readout=lambda model: "cls+mean",
+                       example="facebook/dinov2-small-imagenet1k-1-layer"))
+register_family(Family("CLIP zero-shot", ("CLIPModel",), "image", logits="logits_per_image", prompts=True,
+                       scope="vision_model", example="openai/clip-vit-base-patch32"))
+# headless: no class scores, explained for a callable target (e.g. similarity to a reference)
+register_family(Family("CLIP image encoder", ("CLIPVisionModelWithProjection", "CLIPVisionModel"), "image",
+                       logits=None, example="openai/clip-vit-base-patch32"))
+register_family(Family("ViT backbone", ("ViTModel",), "image", logits=None, example="google/vit-base-patch16-224-in21k"))
+register_family(Family("DINOv2 backbone", ("Dinov2Model", "Dinov2WithRegistersModel"), "image", logits=None,
+                       prefix_tokens=_dinov2_prefix, example="facebook/dinov2-small"))
 register_family(Family("timm VisionTransformer", ("VisionTransformer",), "image", logits="", pixel_input="x",
                        library="timm",
                        prefix_tokens=_timm_prefix, check=_check_timm_vit, example="timm vit_base_patch16_224"))

@@ -25,7 +25,9 @@ class Trace:
     """Per-block attention A, its gradient dA and its relevance R_A, for one batch.
 
     The last block may have been evaluated for the pooled rows only; use `row` to read a
-    token's row of any block.
+    token's row of any block, or the pooled row. The pooled row is the row of the token the
+    classifier reads (``token``, the [CLS]) or, where the model pools several tokens
+    (``readout`` weights, e.g. BEiT's mean of the patch tokens), the weighted sum of their rows.
     """
 
     attention: list[torch.Tensor]                     # [B, H, R, N]
@@ -36,17 +38,31 @@ class Trace:
     content: torch.Tensor                             # token indices a map reports on
     token: int = 0                                    # the pooled ([CLS]) token
     input_relevance: Optional[torch.Tensor] = None
+    readout: Optional[torch.Tensor] = None            # [N] weights of the pooled rows; None: row `token`
 
     @property
     def num_blocks(self) -> int:
         return len(self.attention)
 
     def row(self, tensor: torch.Tensor, block: int, token: Optional[int] = None) -> torch.Tensor:
-        """Row ``token`` (default: the pooled token) of a [B, H, R, N] or [B, R, N] tensor."""
-        token = self.token if token is None else token
+        """Row ``token`` (default: the pooled row) of a [B, H, R, N] or [B, R, N] tensor."""
         rows = self.rows[block]
+        if token is None and self.readout is not None:
+            pooled = self.readout.nonzero().flatten().tolist()
+            index = pooled if rows is None else [rows.index(t) for t in pooled]
+            weights = self.readout[pooled].to(tensor.dtype)
+            return (tensor[..., index, :] * weights[:, None]).sum(dim=-2)
+        token = self.token if token is None else token
         index = token if rows is None else rows.index(token)
         return tensor[..., index, :]
+
+    def plus_identity(self, row: torch.Tensor) -> torch.Tensor:
+        """``row`` [B, N] plus the pooled row of the identity matrix."""
+        if self.readout is not None:
+            return row + self.readout.to(row.dtype)
+        row = row.clone()
+        row[:, self.token] += 1
+        return row
 
 
 class Method:
@@ -107,19 +123,18 @@ def head_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 def rollout_row(trace: Trace, mixing, start: int, normalize: bool) -> torch.Tensor:
-    """The pooled token's row of prod_l (M_l + I), l from the last block down to ``start``.
+    """The pooled row of prod_l (M_l + I), l from the last block down to ``start``.
 
-    ``mixing(block, token)`` returns a block's head-averaged matrix [B, N, N], or only the
-    pooled token's row [B, N] when ``token`` is given (all the last block contributes).
+    ``mixing(block, pooled)`` returns a block's head-averaged matrix [B, N, N], or only its
+    pooled row [B, N] (`Trace.row`) when ``pooled`` (all the last block contributes).
     Rows are normalised to sum to 1 when ``normalize``.
     """
     last = trace.num_blocks - 1
-    row = mixing(last, trace.token).clone()
-    row[:, trace.token] += 1
+    row = trace.plus_identity(mixing(last, True))
     if normalize:
         row = row / row.sum(dim=-1, keepdim=True)
     for block in range(last - 1, start - 1, -1):
-        matrix = mixing(block, None)
+        matrix = mixing(block, False)
         matrix = matrix + torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
         if normalize:
             matrix = matrix / matrix.sum(dim=-1, keepdim=True)

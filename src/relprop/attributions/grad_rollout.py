@@ -13,9 +13,9 @@ class GradRollout(Method):
         return Requirements(gradient_blocks=set(range(num_blocks)))
 
     def __call__(self, trace):
-        def mixing(block, token):
+        def mixing(block, pooled):
             product = (trace.attention_grad[block] * trace.attention[block]).clamp(min=0)
-            return head_mean(product if token is None else trace.row(product, block, token))
+            return head_mean(trace.row(product, block) if pooled else product)
 
         # R_L = (I + G_L) ... (I + G_1): the same un-normalised rollout product
         return rollout_row(trace, mixing, 0, normalize=False)

@@ -16,8 +16,8 @@ class Rollout(Method):
     def __call__(self, trace, start_layer, row_normalize):
         start = block_index(start_layer, trace.num_blocks, "start_layer")
 
-        def mixing(block, token):
+        def mixing(block, pooled):
             attention = trace.attention[block]
-            return head_mean(attention if token is None else trace.row(attention, block, token))
+            return head_mean(trace.row(attention, block) if pooled else attention)
 
         return rollout_row(trace, mixing, start, row_normalize)

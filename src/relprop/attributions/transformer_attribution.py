@@ -21,9 +21,8 @@ class TransformerAttribution(Method):
     def __call__(self, trace, start_layer, row_normalize, rules):
         start = block_index(start_layer, trace.num_blocks, "start_layer")
 
-        def mixing(block, token):
+        def mixing(block, pooled):
             product = (trace.attention_grad[block] * trace.attention_relevance[block]).clamp(min=0)
-            product = product if token is None else trace.row(product, block, token)
-            return head_mean(product)
+            return head_mean(trace.row(product, block) if pooled else product)
 
         return rollout_row(trace, mixing, start, row_normalize)
