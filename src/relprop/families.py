@@ -212,6 +212,8 @@ def _timm_prefix(model) -> int:
 register_family(Family("ViT", ("ViTForImageClassification",), "image", example="google/vit-base-patch16-224"))
 register_family(Family("DeiT", ("DeiTForImageClassification", "DeiTForImageClassificationWithTeacher"), "image",
                        prefix_tokens=_deit_prefix, example="facebook/deit-base-distilled-patch16-224"))
+
+
 def _beit_readout(model) -> str:
     return "mean" if getattr(model.config, "use_mean_pooling", True) else "cls"
 
@@ -230,7 +232,8 @@ register_family(Family("CLIP zero-shot", ("CLIPModel",), "image", logits="logits
 # headless: no class scores, explained for a callable target (e.g. similarity to a reference)
 register_family(Family("CLIP image encoder", ("CLIPVisionModelWithProjection", "CLIPVisionModel"), "image",
                        logits=None, example="openai/clip-vit-base-patch32"))
-register_family(Family("ViT backbone", ("ViTModel",), "image", logits=None, example="google/vit-base-patch16-224-in21k"))
+register_family(Family("ViT backbone", ("ViTModel",), "image", logits=None,
+                       example="google/vit-base-patch16-224-in21k"))
 register_family(Family("DINOv2 backbone", ("Dinov2Model", "Dinov2WithRegistersModel"), "image", logits=None,
                        prefix_tokens=_dinov2_prefix, example="facebook/dinov2-small"))
 register_family(Family("timm VisionTransformer", ("VisionTransformer",), "image", logits="", pixel_input="x",

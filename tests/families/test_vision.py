@@ -86,3 +86,24 @@ def test_headless_backbone_needs_a_callable_target():
 def test_timm_without_class_token_pooling_refused(options, why):
     with pytest.raises(relprop.UnsupportedModelError, match=f"timm VisionTransformer is not supported.*{why}"):
         relprop.Explainer(_timm_build(**options)())
+
+
+@pytest.mark.parametrize("name", ["clip_vision_model", "dinov2_registers_backbone"])
+def test_other_headless_classes_explained(name):
+    """CLIPVisionModel and Dinov2WithRegistersModel (registered with their families, no contract
+    case of their own): every method gives finite maps over the 16 patches for a callable target."""
+    import transformers as tf
+
+    from tests.families.cases import hf_builder, image_inputs
+    from tests.families.cases_vision import CLIP_VISION, DINOV2_CONFIG, similarity_target
+    if name == "clip_vision_model":
+        model = hf_builder(tf.CLIPVisionConfig, tf.CLIPVisionModel, **CLIP_VISION)()
+    else:
+        model = hf_builder(tf.Dinov2WithRegistersConfig, tf.Dinov2WithRegistersModel, num_register_tokens=2,
+                           **DINOV2_CONFIG)()
+    explainer = relprop.Explainer(model)
+    inputs, target = image_inputs()(2), similarity_target("pooler_output", 32)
+    for method in relprop.methods():
+        relevance = explainer.explain(inputs, method, target=target).relevance
+        assert torch.isfinite(relevance).all()
+        assert relevance.shape == ((2, 32, 32) if method == "lrp" else (2, 16)), method
