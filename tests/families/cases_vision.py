@@ -45,7 +45,7 @@ register(Case("dinov2_backbone", "image", hf_builder(tf.Dinov2Config, tf.Dinov2M
 CLIP_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32,
                    patch_size=8)
 CLIP_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=100,
-                 max_position_embeddings=40, eos_token_id=3)
+                 max_position_embeddings=40, bos_token_id=1, eos_token_id=3, pad_token_id=0)
 register(Case("clip_image_encoder", "image",
               hf_builder(tf.CLIPVisionConfig, tf.CLIPVisionModelWithProjection, projection_dim=16, **CLIP_VISION),
               image_inputs(), target=similarity_target("image_embeds", 16)))
