@@ -245,13 +245,9 @@ class Explainer:
                 valid = torch.ones(prepared.batch, num_tokens, dtype=torch.bool, device=self.device)
             prefix = self.family.prefix_tokens(self.model) if self.family.modality == "image" else 0
             content = torch.arange(prefix, num_tokens, device=self.device)
-            readout = None
-            if self.family.readout == "mean":       # an average pool of the last block's tokens
-                last_tokens = attention[-1].shape[-1]
-                readout = torch.full((prepared.batch, last_tokens), 1.0 / last_tokens, dtype=attention[-1].dtype,
-                                     device=self.device)
             trace = Trace(attention=attention, attention_grad=grads, attention_relevance=attention_relevance,
-                          rows=[None] * num_blocks, valid=valid, content=content, token=0, readout=readout,
+                          rows=[None] * num_blocks, valid=valid, content=content, token=0,
+                          readout=_readout_weights(self.family.readout(self.model), prefix, attention[-1], prepared.batch),
                           parents=None if layout is None else layout.parents)
             if needs.input_relevance:
                 trace.input_relevance = self._input_relevance(relevance.at[input_point])
@@ -308,7 +304,7 @@ class Explainer:
         """The step whose relevance `lrp` reports: the pixels, or (text) the embeddings' output,
         where the authors' text code stops."""
         if self.family.modality == "image":
-            return next(i for i, what, name in program.inputs if what == "input")
+            return next(i for i, what, name in program.inputs if what == "input" and name == self.family.pixel_input)
         word = self.model.get_input_embeddings()
         path = next(name for name, module in self.model.named_modules() if module is word).rpartition(".")[0]
         inside = [s.index for s in program.steps if s.data and (s.module.startswith(path + ".") or
@@ -465,6 +461,25 @@ def _read_weights(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch
             elif t.is_inference():
                 t = t.clone()
             weights[name] = t
+    return weights
+
+
+READOUTS = ("cls", "mean", "cls+mean")
+
+
+def _readout_weights(readout: str, prefix: int, last: torch.Tensor, batch: int) -> Optional[torch.Tensor]:
+    """[B, N_last] weights of the last block's rows that make the pooled row (`families.Family.readout`;
+    prefix tokens other than [CLS] never take part); None for the [CLS] row alone."""
+    if readout not in READOUTS:
+        raise ValueError(f"unknown readout {readout!r}; one of {READOUTS}")
+    if readout == "cls":
+        return None
+    num_tokens = last.shape[-1]
+    weights = torch.zeros(batch, num_tokens, dtype=last.dtype, device=last.device)
+    weights[:, prefix:] = 1.0 / (num_tokens - prefix)
+    if readout == "cls+mean":
+        weights = weights / 2
+        weights[:, 0] = 0.5
     return weights
 
 

@@ -55,14 +55,23 @@ class Family:
         A model of the family, shown in the README.
     method_defaults : dict
         Method name -> option defaults; empty: the vision or text defaults (the authors' code).
-    readout : str
-        How the class scores read the tokens: ``"token"`` (the pooled token's row, token 0) or
-        ``"mean"`` (an average pool of all tokens: the pooled row is the mean of all rows).
     token_grids : callable, optional
         ``(model, patch grid) -> [(rows, cols)]``, one per explained attention block: the token
         grid the block attends over, for hierarchical models whose attention runs in windows and
         whose grid shrinks at each patch merging (Swin; see `relprop.tokens`). None: every block
         attends over the same token sequence.
+    readout : callable
+        ``model -> str``: which tokens' outputs the model's head reads, i.e. what the methods'
+        "pooled row" (of an attention map, of a rollout) is. ``"cls"``: the [CLS] row (token 0).
+        ``"mean"``: the mean of the content tokens' rows (BEiT with ``use_mean_pooling``: its
+        head reads the mean of the patch tokens; Swin: the average pool of the last stage's tokens). ``"cls+mean"``: half the [CLS] row plus half
+        the content tokens' mean row (DINOv2: its head reads [CLS] concatenated with the mean of
+        the patch tokens, so each half of the features gets half the weight). Prefix tokens
+        other than [CLS] (distillation, register tokens) never take part.
+    prompts : bool
+        The model also takes text prompts (``input_ids``, optional ``attention_mask``, [P, L])
+        that each image is scored against (CLIP zero-shot: class ``p`` is prompt ``p``); they
+        are the same for every image of a batch, and only the images are explained.
     """
 
     name: str
@@ -74,10 +83,11 @@ class Family:
     scope: str = ""
     pixel_input: str = "pixel_values"
     check: Optional[Callable[[Any], None]] = None
+    readout: Callable[[Any], str] = lambda model: "cls"
+    prompts: bool = False
     library: str = "transformers"
     example: str = ""
     method_defaults: dict = field(default_factory=dict)
-    readout: str = "token"
     token_grids: Optional[Callable[[Any, tuple[int, int]], list[tuple[int, int]]]] = None
 
     def defaults(self) -> dict:
@@ -247,6 +257,30 @@ def _timm_prefix(model) -> int:
 register_family(Family("ViT", ("ViTForImageClassification",), "image", example="google/vit-base-patch16-224"))
 register_family(Family("DeiT", ("DeiTForImageClassification", "DeiTForImageClassificationWithTeacher"), "image",
                        prefix_tokens=_deit_prefix, example="facebook/deit-base-distilled-patch16-224"))
+
+
+def _beit_readout(model) -> str:
+    return "mean" if getattr(model.config, "use_mean_pooling", True) else "cls"
+
+
+def _dinov2_prefix(model) -> int:
+    return 1 + int(getattr(model.config, "num_register_tokens", 0))
+
+
+register_family(Family("BEiT", ("BeitForImageClassification",), "image", readout=_beit_readout,
+                       example="microsoft/beit-base-patch16-224"))
+register_family(Family("DINOv2", ("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification"),
+                       "image", prefix_tokens=_dinov2_prefix, readout=lambda model: "cls+mean",
+                       example="facebook/dinov2-small-imagenet1k-1-layer"))
+register_family(Family("CLIP zero-shot", ("CLIPModel",), "image", logits="logits_per_image", prompts=True,
+                       scope="vision_model", example="openai/clip-vit-base-patch32"))
+# headless: no class scores, explained for a callable target (e.g. similarity to a reference)
+register_family(Family("CLIP image encoder", ("CLIPVisionModelWithProjection", "CLIPVisionModel"), "image",
+                       logits=None, example="openai/clip-vit-base-patch32"))
+register_family(Family("ViT backbone", ("ViTModel",), "image", logits=None,
+                       example="google/vit-base-patch16-224-in21k"))
+register_family(Family("DINOv2 backbone", ("Dinov2Model", "Dinov2WithRegistersModel"), "image", logits=None,
+                       prefix_tokens=_dinov2_prefix, example="facebook/dinov2-small"))
 register_family(Family("timm VisionTransformer", ("VisionTransformer",), "image", logits="", pixel_input="x",
                        library="timm",
                        prefix_tokens=_timm_prefix, check=_check_timm_vit, example="timm vit_base_patch16_224"))
@@ -275,4 +309,4 @@ def _swin_grids(model, grid: tuple[int, int]) -> list[tuple[int, int]]:
 # across a patch merging a row goes to the 2x2 finer tokens, shared equally (attn_gradcam: copied);
 # maps over the first stage's grid (image / patch).
 register_family(Family("Swin", ("SwinForImageClassification",), "image", prefix_tokens=lambda model: 0,
-                       readout="mean", token_grids=_swin_grids, example="microsoft/swin-tiny-patch4-window7-224"))
+                       readout=lambda model: "mean", token_grids=_swin_grids, example="microsoft/swin-tiny-patch4-window7-224"))

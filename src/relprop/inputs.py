@@ -66,7 +66,28 @@ def prepare_images(model, family: Family, inputs: Any, dtype: torch.dtype, devic
                          f"resize them (the model's image processor does)")
     pixels = pixel_values.to(device=device, dtype=dtype)
     grid = (size[0] // patch[0], size[1] // patch[1])
-    return Prepared({family.pixel_input: pixels}, None, {"pixels": pixels, "grid": grid})
+    kwargs = {family.pixel_input: pixels}
+    if family.prompts:
+        kwargs.update(_prompts(model, inputs, device))
+    return Prepared(kwargs, None, {"pixels": pixels, "grid": grid})
+
+
+def _prompts(model, inputs: Any, device) -> dict[str, torch.Tensor]:
+    """The text prompts every image is scored against (CLIP zero-shot): [P, L] ids and mask."""
+    if not hasattr(inputs, "keys") or "input_ids" not in inputs:
+        raise InputError(f"{type(model).__name__} scores images against text prompts: pass a mapping with "
+                         "'pixel_values' [B, C, H, W] and the prompts' 'input_ids' (and 'attention_mask') [P, L], "
+                         "e.g. processor(text=prompts, images=images, return_tensors='pt', padding=True)")
+    ids, valid, _ = _text_parts(inputs)
+    text_config = getattr(model.config, "text_config", model.config)
+    vocab, limit = text_config.vocab_size, getattr(text_config, "max_position_embeddings", None)
+    if (ids < 0).any() or (ids >= vocab).any():
+        raise InputError(f"prompt input_ids outside the model's vocabulary (0..{vocab - 1}); "
+                         "were the prompts tokenized with this model's tokenizer?")
+    if limit is not None and ids.shape[1] > limit:
+        raise InputError(f"prompts too long for the model: {ids.shape[1]} tokens, at most {limit}; "
+                         "truncate them (tokenizer(..., truncation=True))")
+    return {"input_ids": ids.to(device), "attention_mask": valid.to(device).long()}
 
 
 def _text_parts(inputs: Any):

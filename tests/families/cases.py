@@ -19,7 +19,11 @@ class Case:
     returns the forward arguments of a batch (text: mixed lengths, right padding, sample 1 the
     shortest). ``target`` is a callable target for models without class scores (headless
     backbones); None = class indices. ``attentions``: the eager model returns its attention
-    probabilities (``output_attentions=True``) in the order relprop explains them.
+    probabilities (``output_attentions=True``) in the order relprop explains them
+    (``attentions_of(output)`` reads them). ``shared``: inputs that are not per sample (CLIP's
+    text prompts): every sample alone gets them whole, and they are no padding mask.
+    ``sdpa_eager_dtype``: the dtype the SDPA and eager copies are compared in (float64 where
+    the two graphs round differently in float32, which LRP amplifies).
     """
 
     name: str
@@ -31,6 +35,12 @@ class Case:
     classes: int = 3
     forward: Callable[[torch.nn.Module, dict], Any] = lambda model, inputs: model(**inputs)
     logits: Callable[[Any], torch.Tensor] = lambda output: output.logits
+    attentions_of: Callable[[Any], tuple] = lambda output: output.attentions
+    shared: tuple[str, ...] = ()
+    sdpa_eager_dtype: torch.dtype = torch.float32
+
+    def per_sample(self, inputs: dict) -> dict:
+        return {k: v for k, v in inputs.items() if k not in self.shared}
 
 
 CASES: dict[str, Case] = {}
