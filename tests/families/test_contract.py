@@ -7,10 +7,13 @@ user's model untouched (also after an export failure); works under no_grad / inf
 """
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
 
 import relprop
+from relprop import graph
 from tests.families.cases import CASES
 
 NAMES = list(CASES)
@@ -157,6 +160,7 @@ def test_model_untouched_also_after_an_export_failure(name, monkeypatch):
         raise RuntimeError("simulated tracing failure")
 
     monkeypatch.setattr(torch.export, "export", failing_export)
+    monkeypatch.setattr(graph, "_TRACERS", collections.OrderedDict())     # no shared export to reuse
     fresh = case.build(None)
     before = _snapshot(fresh)
     with pytest.raises(relprop.UnsupportedModelError, match="could not trace.*simulated tracing failure"):
