@@ -208,3 +208,8 @@ register_family(Family("BERT", ("BertForSequenceClassification",), "text", prese
 register_family(Family("RoBERTa", ("RobertaForSequenceClassification", "XLMRobertaForSequenceClassification"),
                        "text", preset="text"))
 register_family(Family("DistilBERT", ("DistilBertForSequenceClassification",), "text", preset="text"))
+register_family(Family("ELECTRA", ("ElectraForSequenceClassification",), "text", preset="text"))
+# ALBERT shares one layer's weights across depth: each call of it is its own attention site
+register_family(Family("ALBERT", ("AlbertForSequenceClassification",), "text", preset="text"))
+register_family(Family("ModernBERT", ("ModernBertForSequenceClassification",), "text", preset="text"))
+register_family(Family("DeBERTa-v2", ("DebertaV2ForSequenceClassification",), "text", preset="text"))

@@ -234,7 +234,9 @@ def identity_shaped(ctx, relevance):
 
 def matmul(ctx, relevance):
     """A product of two data tensors: gradient x input for each factor, halved (the authors' rule
-    for A·V and Q·Kᵀ). A data tensor times a weight: the rule set's linear rule."""
+    for A·V and Q·Kᵀ). A data tensor times a weight, or times a (batched) tensor that does not
+    depend on the inputs: the rule set's linear rule, that tensor as the weight (DeBERTa's
+    content-to-position term ``q @ P_kᵀ``: see `gather`'s note in the table's docstring)."""
     left, right = ctx.args()[:2]
     sources = [ctx.arg_index(0), ctx.arg_index(1)]
     data = [s in ctx.step.data_inputs for s in sources]
@@ -243,8 +245,8 @@ def matmul(ctx, relevance):
         if sources[0] == sources[1]:
             return [rel_left + rel_right.transpose(-1, -2)]
         return [rel_left, rel_right]
-    if data[0] and right.dim() == 2:
-        return [ctx.rules.linear(left, right.T, relevance, ctx.out)]
+    if data[0] and right.dim() >= 2:
+        return [ctx.rules.linear(left, right.mT, relevance, ctx.out)]
     _unsupported(ctx, "a product of a constant and the data in this order")
 
 

@@ -19,7 +19,8 @@ class Case:
     returns the forward arguments of a batch (text: mixed lengths, right padding, sample 1 the
     shortest). ``target`` is a callable target for models without class scores (headless
     backbones); None = class indices. ``attentions``: the eager model returns its attention
-    probabilities (``output_attentions=True``) in the order relprop explains them.
+    probabilities (``output_attentions=True``) in the order relprop explains them. ``sdpa``: the
+    library has an SDPA implementation of the model (DeBERTa-v2 has eager attention only).
     """
 
     name: str
@@ -28,6 +29,7 @@ class Case:
     inputs: Callable[[int], dict[str, Any]]
     target: Optional[Callable[[Any], torch.Tensor]] = None
     attentions: bool = True
+    sdpa: bool = True
     classes: int = 3
     forward: Callable[[torch.nn.Module, dict], Any] = lambda model, inputs: model(**inputs)
     logits: Callable[[Any], torch.Tensor] = lambda output: output.logits
