@@ -212,7 +212,8 @@ class Explainer:
             prefix = self.family.prefix_tokens(self.model) if self.family.modality == "image" else 0
             content = torch.arange(prefix, num_tokens, device=self.device)
             trace = Trace(attention=attention, attention_grad=grads, attention_relevance=attention_relevance,
-                          rows=[None] * num_blocks, valid=valid, content=content, token=0)
+                          rows=[None] * num_blocks, valid=valid, content=content, token=0,
+                          pooled=_pooling_weights(self.family.pooling(self.model), valid, prefix))
             if needs.input_relevance:
                 trace.input_relevance = self._input_relevance(relevance.at[input_point])
             scores = chosen(trace, **options)
@@ -407,6 +408,16 @@ def _read_weights(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch
                 t = t.clone()
             weights[name] = t
     return weights
+
+
+def _pooling_weights(pooling: str, valid: torch.Tensor, prefix: int) -> Optional[torch.Tensor]:
+    """[B, N] weights of the pooled row under mean pooling (the valid content tokens, equally); None: a token's row."""
+    if pooling != "mean":
+        return None
+    weights = valid.clone()
+    weights[:, :prefix] = False
+    weights = weights.double()
+    return weights / weights.sum(dim=1, keepdim=True)
 
 
 def _kept_values(program: Program, rules) -> frozenset:

@@ -49,6 +49,10 @@ class Family:
         The forward argument that takes the images.
     check : callable, optional
         ``model -> None``; raises `UnsupportedModelError` for a configuration that cannot work.
+    pooling : callable
+        ``model -> "cls" | "mean"``: what the classifier reads, the first token after the
+        prefix ("cls") or the mean of the (valid, content) tokens ("mean"); the attention
+        methods report the pooled row (under "mean", the mean of the rows).
     """
 
     name: str
@@ -60,6 +64,7 @@ class Family:
     scope: str = ""
     pixel_input: str = "pixel_values"
     check: Optional[Callable[[Any], None]] = None
+    pooling: Callable[[Any], str] = lambda model: "cls"
     library: str = "transformers"
     example: str = ""
     method_defaults: dict = field(default_factory=dict)
@@ -211,5 +216,16 @@ register_family(Family("DistilBERT", ("DistilBertForSequenceClassification",), "
 register_family(Family("ELECTRA", ("ElectraForSequenceClassification",), "text", preset="text"))
 # ALBERT shares one layer's weights across depth: each call of it is its own attention site
 register_family(Family("ALBERT", ("AlbertForSequenceClassification",), "text", preset="text"))
-register_family(Family("ModernBERT", ("ModernBertForSequenceClassification",), "text", preset="text"))
+def _modernbert_pooling(model) -> str:
+    return model.config.classifier_pooling
+
+
+def _check_modernbert(model) -> None:
+    if _modernbert_pooling(model) not in ("cls", "mean"):
+        raise UnsupportedModelError(f"ModernBERT with classifier_pooling={_modernbert_pooling(model)!r} is not "
+                                    "supported: relprop reads the 'cls' or 'mean' pooled row")
+
+
+register_family(Family("ModernBERT", ("ModernBertForSequenceClassification",), "text", preset="text",
+                       pooling=_modernbert_pooling, check=_check_modernbert))
 register_family(Family("DeBERTa-v2", ("DebertaV2ForSequenceClassification",), "text", preset="text"))

@@ -301,12 +301,14 @@ def _make_functional(step: Step, node, steps: list[Step], index_of: dict) -> Non
     its inputs' values as they were; allowed only where nothing else sees the mutation (the
     mutated value is a fresh result, not a view, and nothing reads it later)."""
     mutated = node.args[0]
-    later = [user for user in mutated.users if user is not node and user not in index_of]
+    others = [user for user in mutated.users if user is not node]
+    # a later reader, or a view taken before (it would show the change), sees the mutation
+    seen = [u for u in others if u not in index_of or steps[index_of[u]].kind in ("route", "copy")]
     source = steps[index_of[mutated]]
-    if later or source.target is None or source.kind in ("route", "copy"):
+    if seen or source.target is None or source.kind in ("route", "copy"):
         raise UnsupportedModelError(
             f"relprop cannot follow the in-place {node.target} in {_module_of(node)}: it changes a value that "
-            f"{'is read again later' if later else 'is a view of another value or an input'}; relprop propagates "
+            f"{'is read elsewhere' if seen else 'is a view of another value or an input'}; relprop propagates "
             f"relevance through in-place operations only on a fresh result nothing else reads")
     step.target = _functional(node.target)
     step.kind = op_kind(step.target)

@@ -45,4 +45,4 @@ class AttnGradCAM(Method):
         cam = (attention * weights[..., None, None]).mean(dim=1).clamp(min=0)
         if normalize:
             cam = normalize_maps(cam, pair)
-        return cam[:, trace.token]
+        return trace.row(cam, last)

@@ -36,13 +36,22 @@ class Trace:
     content: torch.Tensor                             # token indices a map reports on
     token: int = 0                                    # the pooled ([CLS]) token
     input_relevance: Optional[torch.Tensor] = None
+    #: [B, N] weights of the pooled row when the classifier averages tokens (mean pooling: the
+    #: pooled row is the weighted mean of all rows); None: the row of ``token``
+    pooled: Optional[torch.Tensor] = None
 
     @property
     def num_blocks(self) -> int:
         return len(self.attention)
 
     def row(self, tensor: torch.Tensor, block: int, token: Optional[int] = None) -> torch.Tensor:
-        """Row ``token`` (default: the pooled token) of a [B, H, R, N] or [B, R, N] tensor."""
+        """Row ``token`` (default: the pooled row) of a [B, H, R, N] or [B, R, N] tensor."""
+        if token is None and self.pooled is not None:
+            if self.rows[block] is not None:
+                raise RuntimeError("internal error: mean pooling needs every row of the block")
+            weights = self.pooled.to(tensor.dtype).reshape(
+                (self.pooled.shape[0],) + (1,) * (tensor.dim() - 3) + (self.pooled.shape[1], 1))
+            return (tensor * weights).sum(dim=-2)
         token = self.token if token is None else token
         rows = self.rows[block]
         index = token if rows is None else rows.index(token)
@@ -107,18 +116,24 @@ def head_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 def rollout_row(trace: Trace, mixing, start: int, normalize: bool) -> torch.Tensor:
-    """The pooled token's row of prod_l (M_l + I), l from the last block down to ``start``.
+    """The pooled row of prod_l (M_l + I), l from the last block down to ``start``.
 
     ``mixing(block, token)`` returns a block's head-averaged matrix [B, N, N], or only the
     pooled token's row [B, N] when ``token`` is given (all the last block contributes).
-    Rows are normalised to sum to 1 when ``normalize``.
+    Rows are normalised to sum to 1 when ``normalize``. Under mean pooling (``trace.pooled``)
+    the pooled row is the pooling weights times the product (each row normalised first).
     """
     last = trace.num_blocks - 1
-    row = mixing(last, trace.token).clone()
-    row[:, trace.token] += 1
-    if normalize:
-        row = row / row.sum(dim=-1, keepdim=True)
-    for block in range(last - 1, start - 1, -1):
+    if trace.pooled is None:
+        row = mixing(last, trace.token).clone()
+        row[:, trace.token] += 1
+        if normalize:
+            row = row / row.sum(dim=-1, keepdim=True)
+        below = last - 1
+    else:
+        row = trace.pooled.to(trace.attention[last].dtype)
+        below = last
+    for block in range(below, start - 1, -1):
         matrix = mixing(block, None)
         matrix = matrix + torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
         if normalize:
