@@ -217,15 +217,9 @@ register_family(Family("ELECTRA", ("ElectraForSequenceClassification",), "text",
 # ALBERT shares one layer's weights across depth: each call of it is its own attention site
 register_family(Family("ALBERT", ("AlbertForSequenceClassification",), "text", preset="text"))
 def _modernbert_pooling(model) -> str:
-    return model.config.classifier_pooling
-
-
-def _check_modernbert(model) -> None:
-    if _modernbert_pooling(model) not in ("cls", "mean"):
-        raise UnsupportedModelError(f"ModernBERT with classifier_pooling={_modernbert_pooling(model)!r} is not "
-                                    "supported: relprop reads the 'cls' or 'mean' pooled row")
+    return model.config.classifier_pooling          # "cls" or "mean" (the config allows no other)
 
 
 register_family(Family("ModernBERT", ("ModernBertForSequenceClassification",), "text", preset="text",
-                       pooling=_modernbert_pooling, check=_check_modernbert))
+                       pooling=_modernbert_pooling))
 register_family(Family("DeBERTa-v2", ("DebertaV2ForSequenceClassification",), "text", preset="text"))

@@ -179,3 +179,4 @@ def test_lrp_gives_token_relevance_at_the_embeddings_output(name):
     valid = inputs["attention_mask"].bool()
     assert result.shape == (3, 12) and torch.isfinite(result).all()
     assert (result[~valid] == 0).all() and (result[valid] != 0).all()
+
