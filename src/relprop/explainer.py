@@ -247,7 +247,8 @@ class Explainer:
             content = torch.arange(prefix, num_tokens, device=self.device)
             trace = Trace(attention=attention, attention_grad=grads, attention_relevance=attention_relevance,
                           rows=[None] * num_blocks, valid=valid, content=content, token=0,
-                          readout=_readout_weights(self.family.readout(self.model), prefix, attention[-1], prepared.batch),
+                          readout=_readout_weights(self.family.readout(self.model), prefix, attention[-1], prepared.batch,
+                                                   prepared.valid),
                           parents=None if layout is None else layout.parents)
             if needs.input_relevance:
                 trace.input_relevance = self._input_relevance(relevance.at[input_point])
@@ -467,7 +468,8 @@ def _read_weights(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch
 READOUTS = ("cls", "mean", "cls+mean")
 
 
-def _readout_weights(readout: str, prefix: int, last: torch.Tensor, batch: int) -> Optional[torch.Tensor]:
+def _readout_weights(readout: str, prefix: int, last: torch.Tensor, batch: int,
+                     valid: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """[B, N_last] weights of the last block's rows that make the pooled row (`families.Family.readout`;
     prefix tokens other than [CLS] never take part); None for the [CLS] row alone."""
     if readout not in READOUTS:
@@ -475,8 +477,13 @@ def _readout_weights(readout: str, prefix: int, last: torch.Tensor, batch: int) 
     if readout == "cls":
         return None
     num_tokens = last.shape[-1]
-    weights = torch.zeros(batch, num_tokens, dtype=last.dtype, device=last.device)
-    weights[:, prefix:] = 1.0 / (num_tokens - prefix)
+    # the content tokens, equally; real (non-padding) ones where the last block has the input's tokens
+    counted = torch.ones(batch, num_tokens, dtype=torch.bool, device=last.device)
+    if valid is not None and valid.shape[-1] == num_tokens:
+        counted = valid.clone()
+    counted[:, :prefix] = False
+    weights = counted.to(last.dtype)
+    weights = weights / weights.sum(dim=1, keepdim=True)
     if readout == "cls+mean":
         weights = weights / 2
         weights[:, 0] = 0.5

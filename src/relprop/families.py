@@ -310,3 +310,15 @@ def _swin_grids(model, grid: tuple[int, int]) -> list[tuple[int, int]]:
 # maps over the first stage's grid (image / patch).
 register_family(Family("Swin", ("SwinForImageClassification",), "image", prefix_tokens=lambda model: 0,
                        readout=lambda model: "mean", token_grids=_swin_grids, example="microsoft/swin-tiny-patch4-window7-224"))
+register_family(Family("ELECTRA", ("ElectraForSequenceClassification",), "text", preset="text"))
+# ALBERT shares one layer's weights across depth: each call of it is its own attention site
+register_family(Family("ALBERT", ("AlbertForSequenceClassification",), "text", preset="text"))
+
+
+def _modernbert_pooling(model) -> str:
+    return model.config.classifier_pooling          # "cls" or "mean" (the config allows no other)
+
+
+register_family(Family("ModernBERT", ("ModernBertForSequenceClassification",), "text", preset="text",
+                       readout=_modernbert_pooling))
+register_family(Family("DeBERTa-v2", ("DebertaV2ForSequenceClassification",), "text", preset="text"))

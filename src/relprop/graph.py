@@ -56,6 +56,8 @@ _ROUTE = {
     aten.movedim.int, aten.swapaxes.default, aten.flip.default, aten.expand_as.default, aten.view_as.default,
     aten.reshape_as.default, aten.unfold.default, aten.pixel_shuffle.default, aten.pixel_unshuffle.default,
     operator.getitem,
+    # masked_fill on data (DeBERTa's attention mask): kept entries pass, filled ones get none
+    aten.masked_fill.Scalar, aten.masked_fill.Tensor,
 }
 # Selections and averages (pooling): gradient x input, the authors' rule for their IndexSelect.
 _POOL = {
@@ -264,6 +266,8 @@ def build_program(exported, input_names: list[str]) -> Program:
         step.statistic = node.target in _STATISTICS or (
             step.data and any(steps[r].statistic for r in refs)
             and not any(steps[r].data and not steps[r].statistic for r in refs))
+        if step.data and _functional(node.target) is not None:
+            _make_functional(step, node, steps, index_of)
         if step.data:
             seen = set()
             for r in refs:
@@ -285,6 +289,36 @@ def build_program(exported, input_names: list[str]) -> Program:
         _mark_mask(steps, site)
     return Program(steps, inputs, outputs, constant_outputs, exported.call_spec.out_spec, sites,
                    {name: shapes.get(name, ()) for name in input_names}, dict(exported.constants))
+
+
+def _functional(target: Any) -> Any:
+    """The out-of-place overload of an in-place ATen op (``add_.Tensor`` -> ``add.Tensor``), else None."""
+    schema = getattr(target, "_schema", None)
+    if schema is None or not schema.name.endswith("_") or not schema.arguments:
+        return None
+    alias = schema.arguments[0].alias_info
+    if alias is None or not alias.is_write:
+        return None
+    packet = getattr(aten, schema.name.split("::")[-1][:-1], None)
+    return getattr(packet, target._overloadname, None) if packet is not None else None
+
+
+def _make_functional(step: Step, node, steps: list[Step], index_of: dict) -> None:
+    """An in-place op on data (DeBERTa's ``score += p2c``) runs out of place, so the rules see
+    its inputs' values as they were; allowed only where nothing else sees the mutation (the
+    mutated value is a fresh result, not a view, and nothing reads it later)."""
+    mutated = node.args[0]
+    others = [user for user in mutated.users if user is not node]
+    # a later reader, or a view taken before (it would show the change), sees the mutation
+    seen = [u for u in others if u not in index_of or steps[index_of[u]].kind in ("route", "copy")]
+    source = steps[index_of[mutated]]
+    if seen or source.target is None or source.kind in ("route", "copy"):
+        raise UnsupportedModelError(
+            f"relprop cannot follow the in-place {node.target} in {_module_of(node)}: it changes a value that "
+            f"{'is read elsewhere' if seen else 'is a view of another value or an input'}; relprop propagates "
+            f"relevance through in-place operations only on a fresh result nothing else reads")
+    step.target = _functional(node.target)
+    step.kind = op_kind(step.target)
 
 
 def _is_attention_probabilities(step: Step, steps: list[Step]) -> bool:

@@ -4,6 +4,29 @@ Each rule takes a `engine.Context` (the step, its arguments' values, its output)
 relevance of the step's output, and returns the relevance of each of the step's data inputs
 (``step.data_inputs``, in order; None for no relevance). The numerical rules they apply
 (linear, add, products) live in `rules`.
+
+Structures beyond BERT's, and how relevance crosses them (no rule of its own is needed):
+
+* Rotary position embeddings (Llama, ModernBERT): ``x * cos + rotate_half(x) * sin``. cos/sin
+  are built from positions only (not data), so each product is a scaling of the data (`mul`:
+  unchanged), ``neg`` is a sign (unchanged), the slices and the concatenation of
+  ``rotate_half`` route, and the sum of the two data terms is the rule set's addition. With
+  the plain rules this is exactly the z-rule of the linear map ``x -> y``.
+* Gated MLPs (GeGLU, SwiGLU): ``act(a) * b`` multiplies two data tensors: each factor gets half
+  (`mul`); the ``chunk`` that splits the fused projection routes.
+* ``masked_fill`` on the attention scores (DeBERTa): routed; kept entries pass unchanged,
+  filled entries (a constant) get none. Their relevance is ~0 anyway, as their probability is 0.
+* In-place operations on data (DeBERTa's ``score += p2c``) run out of place (`graph`), so a
+  rule sees its inputs as they were before the operation.
+* DeBERTa's disentangled attention scores ``(q·kᵀ + q·P_k[δ]ᵀ + k·P_q[δ]ᵀ) / sqrt(3d)``: the
+  relative-position embeddings P_k, P_q (projections of ``rel_embeddings``) do not depend on the
+  tokens, but the two position terms do, through q and k. The sum is split over the three
+  terms by the rule set's addition rule (nothing is dropped: a position term's share belongs to
+  its token factor); ``q·kᵀ`` gives each factor half (`matmul`); ``q·P_kᵀ`` and ``k·P_qᵀ`` give
+  their whole share to q or k by the rule set's linear rule with P as the weight (as ``W_q``
+  in ``x·W_qᵀ``); the ``gather`` by relative distance that picks each score from the [S, 2k]
+  products is a selection (`pool`: gradient x input, which routes each score's relevance to the
+  entry it was picked from).
 """
 from __future__ import annotations
 
@@ -252,7 +275,9 @@ def identity_shaped(ctx, relevance):
 
 def matmul(ctx, relevance):
     """A product of two data tensors: gradient x input for each factor, halved (the authors' rule
-    for A·V and Q·Kᵀ). A data tensor times a weight: the rule set's linear rule."""
+    for A·V and Q·Kᵀ). A data tensor times a weight, or times a (batched) tensor that does not
+    depend on the inputs: the rule set's linear rule, that tensor as the weight (DeBERTa's
+    content-to-position term ``q @ P_kᵀ``: see the module's notes)."""
     left, right = ctx.args()[:2]
     sources = [ctx.arg_index(0), ctx.arg_index(1)]
     data = [s in ctx.step.data_inputs for s in sources]
@@ -261,8 +286,8 @@ def matmul(ctx, relevance):
         if sources[0] == sources[1]:
             return [rel_left + rel_right.transpose(-1, -2)]
         return [rel_left, rel_right]
-    if data[0] and right.dim() == 2:
-        return [ctx.rules.linear(left, right.T, relevance, ctx.out)]
+    if data[0] and right.dim() >= 2:
+        return [ctx.rules.linear(left, right.mT, relevance, ctx.out)]
     _unsupported(ctx, "a product of a constant and the data in this order")
 
 

@@ -50,7 +50,8 @@ def _per_sample_sum(x: torch.Tensor) -> torch.Tensor:
 class LinearRule:
     """Relevance of ``x`` in ``z = x @ W.T (+ b)``; the bias never receives relevance.
 
-    ``product`` is ``x @ W.T`` from the forward pass, when the caller kept it.
+    ``product`` is ``x @ W.T`` from the forward pass, when the caller kept it. ``W`` may be
+    batched ([..., out, in], a product with a constant per batch entry: ``.mT`` transposes).
     """
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor,
@@ -68,9 +69,9 @@ class ZPlusSharedRule(LinearRule):
 
     def __call__(self, x, weight, relevance, product=None):
         if product is None:
-            product = x @ weight.T
+            product = x @ weight.mT
         abs_x, abs_w = x.abs(), weight.abs()
-        denominator = abs_x @ abs_w.T
+        denominator = abs_x @ abs_w.mT
         denominator += product
         denominator *= 0.5
         scale = _safe_divide_into(relevance, denominator)
@@ -89,8 +90,8 @@ class ZPlusSeparateRule(LinearRule):
     def __call__(self, x, weight, relevance, product=None):
         pos_w, neg_w = weight.clamp(min=0), weight.clamp(max=0)
         pos_x, neg_x = x.clamp(min=0), x.clamp(max=0)
-        pos_scale = safe_divide(relevance, pos_x @ pos_w.T)
-        neg_scale = safe_divide(relevance, neg_x @ neg_w.T)
+        pos_scale = safe_divide(relevance, pos_x @ pos_w.mT)
+        neg_scale = safe_divide(relevance, neg_x @ neg_w.mT)
         return pos_x * (pos_scale @ pos_w) + neg_x * (neg_scale @ neg_w)
 
 

@@ -23,7 +23,8 @@ class Case:
     (``attentions_of(output)`` reads them). ``shared``: inputs that are not per sample (CLIP's
     text prompts): every sample alone gets them whole, and they are no padding mask.
     ``sdpa_eager_dtype``: the dtype the SDPA and eager copies are compared in (float64 where
-    the two graphs round differently in float32, which LRP amplifies).
+    the two graphs round differently in float32, which LRP amplifies). ``sdpa``: the
+    library has an SDPA implementation of the model (DeBERTa-v2 has eager attention only).
     """
 
     name: str
@@ -32,6 +33,7 @@ class Case:
     inputs: Callable[[int], dict[str, Any]]
     target: Optional[Callable[[Any], torch.Tensor]] = None
     attentions: bool = True
+    sdpa: bool = True
     classes: int = 3
     forward: Callable[[torch.nn.Module, dict], Any] = lambda model, inputs: model(**inputs)
     logits: Callable[[Any], torch.Tensor] = lambda output: output.logits
