@@ -1,6 +1,6 @@
 """The README's "Supported families" table, generated from the family registry.
 
-The registry (`FAMILIES` in `relprop/families.py`) is the one source of what relprop supports; the
+The registry (`FAMILIES` in `relprop/registry.py`) is the one source of what relprop supports; the
 README section between the ``families:start`` / ``families:end`` markers is this script's
 output, and a test checks that it is up to date. After registering a family:
 
@@ -29,7 +29,7 @@ def _scores(logits) -> str:
 def markdown(families=None) -> str:
     """The table of ``families`` (default: every registered family), one row per family."""
     if families is None:
-        from relprop.families import FAMILIES
+        from relprop.registry import FAMILIES
         families = FAMILIES
     lines = ["| family | model classes | library | inputs | class scores | rule preset | example |",
              "|---|---|---|---|---|---|---|"]

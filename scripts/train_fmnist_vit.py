@@ -33,7 +33,7 @@ import torch
 import transformers
 from transformers import ViTConfig, ViTForImageClassification
 
-from relprop.families import find_layer_list, get_path
+from relprop.registry import find_layer_list, get_path
 from relprop.datasets import CLASS_NAMES, CanvasConfig, load_split, make_canvas
 
 REPO = Path(__file__).resolve().parents[1]

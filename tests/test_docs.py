@@ -13,7 +13,7 @@ import relprop
 from relprop import rules
 from tests.conftest import load_script
 
-families_module = importlib.import_module("relprop.families")    # relprop.families is the function
+families_module = importlib.import_module("relprop.registry")    # relprop.families is the function
 ROOT = Path(__file__).resolve().parent.parent
 FAMILIES_MARKDOWN = load_script(ROOT / "scripts" / "families_markdown.py")
 EXCERPT = re.compile(r"<!-- excerpt: (?P<path>\S+) -->\n```python\n(?P<code>.*?)\n```", re.S)
@@ -52,7 +52,7 @@ def test_contributing_excerpts_are_the_repositorys_code():
     found = excerpts((ROOT / "CONTRIBUTING.md").read_text(encoding="utf-8"))
     # each of the four guides (family, rule set, method, benchmark) shows real code
     paths = {path for path, _ in found}
-    assert {"src/relprop/families.py", "tests/families/cases.py", "src/relprop/rules.py",
+    assert {"src/relprop/registry.py", "tests/families/cases.py", "src/relprop/rules.py",
             "src/relprop/oprules.py", "src/relprop/attributions/rollout.py", "benchmarks/bench_vit.py"} <= paths
     for path, code in found:
         assert (ROOT / path).is_file(), f"CONTRIBUTING.md quotes {path}, which does not exist"
@@ -96,7 +96,7 @@ def test_families_section_replacement_keeps_the_rest_of_the_readme():
 
 
 def test_families_function_is_public_and_the_registry_still_importable():
-    from relprop.families import FAMILIES
+    from relprop.registry import FAMILIES
 
     # error messages tell users to call relprop.families()
     assert relprop.families() == families_module.families()

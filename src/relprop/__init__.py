@@ -5,9 +5,7 @@ CVPR 2021) and the baselines it compares against, on Hugging Face and timm model
 """
 from .errors import InputError, OptionError, RelpropError, UnknownMethodError, UnsupportedModelError
 from .explainer import Explainer
-# the function: error messages send users to relprop.families(); the registry itself is read
-# with `from relprop.families import FAMILIES` (the submodule stays importable that way)
-from .families import families
+from .registry import families  # the function; the registry module is relprop.registry
 from .attributions import method_names as methods  # the function; the subpackage is relprop.attributions
 from .result import Explanation, Internals, normalize
 

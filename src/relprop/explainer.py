@@ -9,7 +9,7 @@ import torch
 
 from . import engine, tokens
 from .errors import InputError, OptionError, UnsupportedModelError, did_you_mean
-from .families import Family, family_of, labels_of
+from .registry import Family, family_of, labels_of
 from .graph import Program, tracer_for
 from .inputs import DYNAMIC, Prepared, prepare
 from .attributions import Trace, get_method
@@ -470,7 +470,7 @@ READOUTS = ("cls", "mean", "cls+mean")
 
 def _readout_weights(readout: str, prefix: int, last: torch.Tensor, batch: int,
                      valid: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-    """[B, N_last] weights of the last block's rows that make the pooled row (`families.Family.readout`;
+    """[B, N_last] weights of the last block's rows that make the pooled row (`registry.Family.readout`;
     prefix tokens other than [CLS] never take part); None for the [CLS] row alone."""
     if readout not in READOUTS:
         raise ValueError(f"unknown readout {readout!r}; one of {READOUTS}")

@@ -7,7 +7,7 @@ from typing import Any, Optional
 import torch
 
 from .errors import InputError
-from .families import Family, _timm_vit
+from .registry import Family, _timm_vit
 
 
 @dataclass

@@ -162,7 +162,7 @@ class Preset:
     Parameters
     ----------
     name : str
-        ``"vision"`` or ``"text"`` (the keys of `PRESETS`, named by `families.Family.preset`).
+        ``"vision"`` or ``"text"`` (the keys of `PRESETS`, named by `registry.Family.preset`).
     projection_fork : str
         The query, key and value projections of one input are one fused layer in the vision
         code (their relevances are summed, ``"sum"``) and three layers behind a ``Clone`` in

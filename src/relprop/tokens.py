@@ -10,7 +10,7 @@ Where each window token comes from is read from the model's own graph: the routi
 between the block's token sequence and its query/key projections are run again on the tokens'
 numbers instead of their values (a cyclic shift moves the numbers as it moves the tokens, padding
 brings in zeros = no token). The grid each block's tokens lie on, and how a patch merging nests a
-grid in the next, are declared by the family (`families.Family.token_grids`).
+grid in the next, are declared by the family (`registry.Family.token_grids`).
 """
 from __future__ import annotations
 

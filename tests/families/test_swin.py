@@ -177,7 +177,7 @@ def test_swin_sdpa_explained_like_eager_copy_and_lrp_over_pixels():
 
 
 def test_swin_is_a_registered_family():
-    from relprop.families import families
+    from relprop.registry import families
     assert "Swin: SwinForImageClassification" in families()
 
 

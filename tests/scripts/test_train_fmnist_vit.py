@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import ViTForImageClassification
 
-from relprop.families import find_layer_list
+from relprop.registry import find_layer_list
 from tests.conftest import load_script
 from tests.eval.eval_fakes import make_tiny_vit
 

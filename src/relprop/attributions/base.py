@@ -104,7 +104,7 @@ class Method:
     """An explanation method: declares options and needs, maps a Trace to token scores."""
 
     name: str = ""
-    #: option name -> default; a family may override defaults (`families.Family.method_defaults`)
+    #: option name -> default; a family may override defaults (`registry.Family.method_defaults`)
     options: dict[str, Any] = {}
     #: True if the result is per input element (pixels/positions) rather than per token
     input_level: bool = False
