@@ -60,9 +60,10 @@ class Explainer:
     (``dtype`` differs from the model's, or a half-precision model) call `refresh` after
     them. Parameters created under ``torch.inference_mode`` have no version counter (and
     autograd cannot use them): for such a model a copy is re-made at every call. Settings
-    that are not tensors (a LayerNorm's ``eps``; the head count or activation named in the
-    config) are read with the weights: after changing one in place, call `refresh`. The
-    labels are read from the model at each use.
+    that are not tensors (a LayerNorm's ``eps``, a module's flags, its ``config``, hooks, a
+    patched ``forward``) are part of the model's structure, checked at every call: a changed
+    one is exported again. State the forward reads from elsewhere (a global, a closure) is
+    not seen: call `refresh` after changing it. The labels are read from the model at each use.
     """
 
     def __init__(self, model: torch.nn.Module, dtype: Optional[torch.dtype] = None):
@@ -91,9 +92,8 @@ class Explainer:
         """Re-read the model now: its weights and its graph (exported again at the next call).
 
         Only needed after in-place changes through ``p.data`` while the explainer computes
-        on a copy of the weights, or after changing a setting that is not a tensor (a
-        LayerNorm's ``eps``, ``config`` values its forward reads); see the class notes. Every
-        other change is detected.
+        on a copy of the weights, or after changing state the model's forward reads from
+        outside its modules; see the class notes. Every other change is detected.
         """
         self._reread(retrace=True)
 
