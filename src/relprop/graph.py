@@ -122,6 +122,7 @@ class Program:
     signature: dict[str, tuple]              # input name -> per-dim size, None = any
     constants: dict[str, Any]
     trace_seconds: float = 0.0
+    input_kinds: dict = field(default_factory=dict)    # input name -> (dtype, device type) it was exported for
 
     def matches(self, shapes: dict[str, tuple]) -> bool:
         if set(shapes) != set(self.signature):
@@ -386,7 +387,7 @@ class Tracer:
 
     @staticmethod
     def _same_kinds(program: Program, inputs) -> bool:
-        return getattr(program, "input_kinds", None) == {n: (t.dtype, t.device.type) for n, t in inputs.items()}
+        return program.input_kinds == {n: (t.dtype, t.device.type) for n, t in inputs.items()}
 
 
 def _example(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:

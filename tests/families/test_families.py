@@ -4,87 +4,34 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers as tf
 
 import relprop
 
-VISION = {
-    "vit": (tf.ViTConfig, tf.ViTForImageClassification),
-    "deit": (tf.DeiTConfig, tf.DeiTForImageClassification),
-    "deit_teacher": (tf.DeiTConfig, tf.DeiTForImageClassificationWithTeacher),
-}
-TEXT = {
-    "bert": (tf.BertConfig, tf.BertForSequenceClassification),
-    "roberta": (tf.RobertaConfig, tf.RobertaForSequenceClassification),
-    "xlm_roberta": (tf.XLMRobertaConfig, tf.XLMRobertaForSequenceClassification),
-    "distilbert": (tf.DistilBertConfig, tf.DistilBertForSequenceClassification),
-}
+from tests.families.cases import CASES, _timm_build, randomize_timm
+
+TEXT = ["bert", "roberta", "xlm_roberta", "distilbert"]
 
 
 def _build(name, attn_implementation=None):
-    torch.manual_seed(0)
-    if name in VISION:
-        config_cls, model_cls = VISION[name]
-        config = config_cls(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                            image_size=32, patch_size=8, num_labels=5)
-    else:
-        config_cls, model_cls = TEXT[name]
-        if name == "distilbert":
-            config = config_cls(dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=100, num_labels=3,
-                                max_position_embeddings=40)
-        else:
-            config = config_cls(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                                vocab_size=100, num_labels=3, max_position_embeddings=40)
-    if attn_implementation:
-        config._attn_implementation = attn_implementation
-    model = model_cls(config)
-    # stronger-than-default weights so attention is far from uniform
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 1.0 / p.shape[1] ** 0.5)
-    return model
+    """A stock family's model from its contract case (tiny config, strong random weights)."""
+    return CASES[name].build(attn_implementation)
 
 
-def _randomize_timm(model):
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "token" in name or "pos_embed" in name:
-                p.normal_(0, 0.5)
-            elif p.dim() >= 2:
-                p.normal_(0, p[0].numel() ** -0.5)
-            else:
-                p.normal_(1.0 if "norm" in name and name.endswith("weight") else 0.0, 0.1)
-    return model
+_randomize_timm = randomize_timm
 
 
 def _build_timm(distilled=False, **options):
     """A small timm-layout ViT (or distilled DeiT) for 32x32 images with random weights."""
-    from tests.timm_style import VisionTransformer, VisionTransformerDistilled
-    torch.manual_seed(0)
-    cls = VisionTransformerDistilled if distilled else VisionTransformer
-    return _randomize_timm(cls(img_size=32, patch_size=8, num_classes=5, embed_dim=32, depth=2, num_heads=4,
-                               **options))
+    return _timm_build(distilled, **options)(None)
 
 
 def _inputs(name, batch=3):
-    gen = torch.Generator().manual_seed(1)
-    if name in VISION:
-        return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=gen)}
-    ids = torch.randint(5, 100, (batch, 12), generator=gen)
-    roberta_like = name in ("roberta", "xlm_roberta")
-    ids[:, 0] = 0 if roberta_like else 2
-    mask = torch.ones_like(ids)
-    mask[1, 7:] = 0
-    pad = 1 if roberta_like else 0
-    ids[1, 7:] = pad
-    return {"input_ids": ids, "attention_mask": mask}
+    return CASES[name].inputs(batch)
 
 
-FAMILIES = list(VISION) + list(TEXT)
 
 
-@pytest.mark.parametrize("name", list(TEXT))
+@pytest.mark.parametrize("name", TEXT)
 def test_paper_rules_conserve_relevance_to_the_encoder_input(name):
     """With the paper's rules every layer conserves relevance: the input relevance sums to 1."""
     model = _build(name)
