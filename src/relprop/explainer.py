@@ -202,8 +202,25 @@ class Explainer:
         options = resolve_options(chosen, options, self.family.defaults().get(method, {}))
         program, prepared = self.program(inputs)
         sites = self._sites(program)
+        needs = chosen.requirements(len(sites), **options)
+        if needs.gradient_rules is not None:
+            scores, output, target_index = self._by_gradient(chosen, options, needs, program, prepared, target)
+            internals = None
+        else:
+            scores, output, target_index, internals = self._by_trace(chosen, options, needs, program, prepared,
+                                                                     target, sites, keep_internals)
+        grid = prepared.extras.get("grid") if not chosen.input_level else None
+        return Explanation(relevance=scores.detach(), target=target_index, logits=self._logits(output),
+                           method=method, options=options, grid=grid,
+                           input_size=tuple(prepared.extras["pixels"].shape[-2:]) if "pixels" in prepared.extras else None,
+                           mask=prepared.extras.get("attention_mask"), internals=internals,
+                           modality=self.family.modality)
+
+    def _by_trace(self, chosen, options: dict, needs, program: Program, prepared: Prepared, target: TargetLike,
+                  sites: list[int], keep_internals: bool):
+        """The attention-based methods and LRP: one forward, attention gradients, relevance
+        propagation, then the method reads the per-block A, ∇A, R_A."""
         num_blocks = len(sites)
-        needs = chosen.requirements(num_blocks, **options)
         rules = None if needs.relevance_rules is None else get_rule_set(needs.relevance_rules)
         preset = PRESETS[self.family.preset]
         input_point = self._input_point(program) if needs.input_relevance else None
@@ -258,12 +275,62 @@ class Explainer:
             if self.family.modality == "text":
                 scores = scores.masked_fill(~valid, 0)
         internals = Internals(trace.attention, grads, attention_relevance) if keep_internals else None
-        grid = prepared.extras.get("grid") if not chosen.input_level else None
-        return Explanation(relevance=scores.detach(), target=target_index, logits=self._logits(output),
-                           method=method, options=options, grid=grid,
-                           input_size=tuple(prepared.extras["pixels"].shape[-2:]) if "pixels" in prepared.extras else None,
-                           mask=prepared.extras.get("attention_mask"), internals=internals,
-                           modality=self.family.modality)
+        return scores, output, target_index, internals
+
+    def _by_gradient(self, chosen, options: dict, needs, program: Program, prepared: Prepared, target: TargetLike):
+        """AttnLRP / CP-LRP: one forward with the rule set's modified backward (`gradient_rules`),
+        one backward from the explained score to the token embeddings; relevance = embedding x
+        gradient, summed over the hidden dimension."""
+        from .gradient_rules import get_gradient_rule_set
+
+        rules = get_gradient_rule_set(needs.gradient_rules)
+        point = self._token_point(program)
+        with torch.inference_mode(False), torch.enable_grad():
+            fwd = engine.forward(program, prepared.kwargs, self.weights, self.dtype, keep=frozenset({point}),
+                                 gradient_rules=rules, biases=needs.biases, leaf=point)
+            output = _unflatten(program, fwd.outputs)
+            score_of, target_index = self._score_function(target, output, prepared.batch)
+            embedded = fwd.values[point]
+            (grad,) = torch.autograd.grad(score_of(output).sum(), embedded, allow_unused=True)
+        with torch.no_grad():
+            relevance = torch.zeros_like(embedded) if grad is None else embedded.detach() * grad
+            output = _unflatten(program, [o.detach() if isinstance(o, torch.Tensor) else o for o in fwd.outputs])
+            prefix = self.family.prefix_tokens(self.model) if self.family.modality == "image" else 0
+            if self.family.modality == "image":          # [B, D, h, w] patch embeddings -> [B, patches]
+                patches = relevance.sum(dim=1).flatten(1)
+                tokens_relevance = torch.cat([patches.new_zeros(prepared.batch, prefix), patches], 1)
+            else:
+                tokens_relevance = relevance.sum(dim=-1)
+            num_tokens = tokens_relevance.shape[1]
+            valid = prepared.valid
+            if valid is None:
+                valid = torch.ones(prepared.batch, num_tokens, dtype=torch.bool, device=self.device)
+            content = torch.arange(prefix, num_tokens, device=self.device)
+            trace = Trace(attention=[], attention_grad={}, attention_relevance={}, rows=[], valid=valid,
+                          content=content, input_relevance=tokens_relevance)
+            scores = chosen(trace, **options)[:, content]
+            if self.family.modality == "text":
+                scores = scores.masked_fill(~valid, 0)
+        return scores, output, target_index
+
+    def _token_point(self, program: Program) -> int:
+        """The step whose relevance, summed over the hidden dimension, is a token's: the word
+        embedding lookup (text: position and token-type embeddings keep their own share), or
+        the patch embedding's convolution of the pixels (images)."""
+        if self.family.modality == "image":
+            convs = [s.index for s in program.steps if s.data and s.kind == "conv"
+                     and (not self.family.scope or s.module.startswith(self.family.scope))]
+            if not convs:
+                raise UnsupportedModelError(f"cannot find the patch embedding of {type(self.model).__name__} "
+                                            "in its exported graph")
+            return convs[0]
+        word = self.model.get_input_embeddings()
+        path = next(name for name, module in self.model.named_modules() if module is word)
+        lookups = [s.index for s in program.steps if s.kind == "embedding" and s.data
+                   and s.module.split(" ")[0] == path]
+        if not lookups:
+            raise UnsupportedModelError(f"cannot find the word embeddings ({path}) in the exported graph")
+        return lookups[0]
 
     def _layout(self, fwd: engine.Pass, sites: list[int], prepared: Prepared) -> Optional[tokens.Layout]:
         """The token layout of a hierarchical family (see `relprop.tokens`); None for the others."""
