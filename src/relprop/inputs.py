@@ -126,7 +126,10 @@ def prepare_text(model, family: Family, inputs: Any, dtype: torch.dtype, device)
     if (ids < 0).any() or (ids >= vocab).any():
         raise InputError(f"input_ids outside the model's vocabulary (0..{vocab - 1}); "
                          "was the text tokenized with this model's tokenizer?")
-    if not valid[:, 0].all():
+    empty = (~valid.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise InputError(f"sample(s) {empty} have no real token (attention_mask is all 0)")
+    if family.readout(model) != "last" and not valid[:, 0].all():
         raise InputError("the first token (the pooled [CLS]) is padding in some sample; "
                          "use right padding (the tokenizer's default for these models)")
     config = model.config
