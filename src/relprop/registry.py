@@ -71,6 +71,13 @@ class Family:
     forward_kwargs : dict
         Arguments the model's forward always gets (decoders: ``use_cache=False``, as a key-value
         cache in the output cannot be exported).
+    positions_from_mask : bool
+        Unless the inputs hold ``position_ids``, pass ones that number each sample's real tokens
+        from 0 (as ``generate()`` does; padding gets 1): a left-padded sample is then computed,
+        and explained, as it is alone. Otherwise its positions would be shifted by its padding,
+        which changes absolute position embeddings (GPT-2) and, with rotary embeddings, the
+        relevance split (their rotation depends on the absolute position, not only on the
+        distance that the attention scores see).
     readout : callable
         ``model -> str``: which tokens' outputs the model's head reads, i.e. what the methods'
         "pooled row" (of an attention map, of a rollout) is. ``"cls"``: the [CLS] row (token 0).
@@ -104,6 +111,7 @@ class Family:
     token_grids: Optional[Callable[[Any, tuple[int, int]], list[tuple[int, int]]]] = None
     scores_at: str = ""
     forward_kwargs: dict = field(default_factory=dict)
+    positions_from_mask: bool = False
 
     def defaults(self) -> dict:
         return self.method_defaults or (VISION_DEFAULTS if self.modality == "image" else TEXT_DEFAULTS)
@@ -345,7 +353,7 @@ register_family(Family("DeBERTa-v2", ("DebertaV2ForSequenceClassification",), "t
 # pooled state a sequence-classification head reads there (the head itself finds the last
 # non-padding token). use_cache=False: a key-value cache in the output cannot be exported.
 _DECODER = dict(modality="text", preset="text", readout=lambda model: "last", method_defaults=DECODER_DEFAULTS,
-                forward_kwargs={"use_cache": False})
+                forward_kwargs={"use_cache": False}, positions_from_mask=True)
 
 
 def _register_decoder(name: str, causal_lm: tuple[str, ...], classifier: tuple[str, ...], example: str) -> None:
