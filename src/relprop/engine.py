@@ -53,14 +53,16 @@ def _resolve(obj, values):
     return obj
 
 
-def _in_dtype(obj, dtype):
-    """Floating dtypes baked into the graph (casts, ``arange(dtype=float32)``) become the compute dtype."""
+def _in_dtype(obj, dtype, model_dtype=None):
+    """The model's floating dtype where it is baked into the graph (casts, ``arange(dtype=...)``)
+    becomes the compute dtype; other floating dtypes (a float64 model's deliberate float32
+    rotary tables) stay as the model has them. ``model_dtype`` None: every floating dtype."""
     if isinstance(obj, torch.dtype):
-        return dtype if obj.is_floating_point else obj
+        return dtype if obj.is_floating_point and (model_dtype is None or obj == model_dtype) else obj
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_in_dtype(o, dtype) for o in obj)
+        return type(obj)(_in_dtype(o, dtype, model_dtype) for o in obj)
     if isinstance(obj, dict):
-        return {k: _in_dtype(v, dtype) for k, v in obj.items()}
+        return {k: _in_dtype(v, dtype, model_dtype) for k, v in obj.items()}
     return obj
 
 
@@ -100,10 +102,16 @@ def _attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale
 
 
 def forward(program: Program, inputs: dict[str, torch.Tensor], weights: dict[str, torch.Tensor],
-            dtype: torch.dtype, *, keep: frozenset = frozenset(), grad_site: Optional[int] = None) -> Pass:
+            dtype: torch.dtype, *, keep: frozenset = frozenset(), grad_site: Optional[int] = None,
+            gradient_rules=None, biases: str = "absorb", leaf: Optional[int] = None) -> Pass:
     """Evaluate the graph. ``keep``: steps whose values the relevance rules read later.
     ``grad_site``: position of the lowest attention site whose gradient is needed (autograd
-    tracks the computation from its probabilities on)."""
+    tracks the computation from its probabilities on).
+
+    ``gradient_rules`` (a `gradient_rules.GradientRuleSet`): LRP as a modified gradient. Every
+    data operation runs through the rule set's wrapper for its kind, statistics are held
+    constant, attention stays the model's fused SDPA, and autograd tracks the computation from
+    step ``leaf`` (the input point) on; the gradient there times its value is the relevance."""
     steps = program.steps
     values: list[Any] = [None] * len(steps)
     shapes: list[Any] = [None] * len(steps)
@@ -125,8 +133,16 @@ def forward(program: Program, inputs: dict[str, torch.Tensor], weights: dict[str
             continue
         if step.kind == "meta":
             continue
-        args = _in_dtype(_resolve(step.args, values), dtype)
-        kwargs = _in_dtype(_resolve(step.kwargs, values), dtype)
+        args = _in_dtype(_resolve(step.args, values), dtype, program.dtype)
+        kwargs = _in_dtype(_resolve(step.kwargs, values), dtype, program.dtype)
+        if gradient_rules is not None:
+            out = _modified(step, args, kwargs, values, steps, gradient_rules, biases)
+            if step.index == leaf:
+                out = out.detach().requires_grad_(True)
+            values[step.index] = out
+            shapes[step.index] = _shape(out)
+            _free(step, values, keep, steps)
+            continue
         if step.kind == "attention":
             out, probabilities, site_bias = _attention(*args, **kwargs, grad_leaf=step.index == grad_step)
             if site_bias is not None:
@@ -145,6 +161,24 @@ def forward(program: Program, inputs: dict[str, torch.Tensor], weights: dict[str
     outputs = [values[i] if i is not None else program.constant_outputs.get(n)
                for n, i in enumerate(program.outputs)]
     return Pass(program, values, shapes, outputs, attention, bias, site_of_step, dtype)
+
+
+def _modified(step: Step, args, kwargs, values: list, steps: list[Step], gradient_rules, biases: str):
+    """One step under a gradient rule set: statistics constant, data operations wrapped."""
+    if not step.data:
+        return step.target(*args, **kwargs)
+    if step.statistic:
+        out = step.target(*args, **kwargs)
+        return out.detach() if isinstance(out, torch.Tensor) else out
+    from .gradient_rules import Call
+
+    def kind_of(position: int):
+        arg = step.args[position] if position < len(step.args) else None
+        return steps[arg.index].kind if isinstance(arg, Ref) else None
+
+    source = values[step.data_inputs[0]] if step.data_inputs else None
+    call = Call(step, list(args), kwargs, kind_of, source)
+    return gradient_rules.wrapper(step, biases)(call)
 
 
 def _shape(value):
@@ -193,10 +227,10 @@ class Context:
         return self.fwd.shapes[index]
 
     def args(self):
-        return _in_dtype(_resolve(self.step.args, self.fwd.values), self.fwd.dtype)
+        return _in_dtype(_resolve(self.step.args, self.fwd.values), self.fwd.dtype, self.fwd.program.dtype)
 
     def kwargs(self):
-        return _in_dtype(_resolve(self.step.kwargs, self.fwd.values), self.fwd.dtype)
+        return _in_dtype(_resolve(self.step.kwargs, self.fwd.values), self.fwd.dtype, self.fwd.program.dtype)
 
     def arg_index(self, position: int) -> Optional[int]:
         arg = self.step.args[position] if position < len(self.step.args) else None

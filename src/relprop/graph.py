@@ -127,6 +127,7 @@ class Program:
     constants: dict[str, Any]
     trace_seconds: float = 0.0
     input_kinds: dict = field(default_factory=dict)    # input name -> (dtype, device type) it was exported for
+    dtype: Optional[torch.dtype] = None      # the model's floating dtype at the export (None: unknown)
 
     def matches(self, shapes: dict[str, tuple]) -> bool:
         if set(shapes) != set(self.signature):
@@ -216,6 +217,7 @@ def build_program(exported, input_names: list[str]) -> Program:
             kind_of_input[name] = ("constant", spec.target)
     index_of = {}
     steps: list[Step] = []
+    shape_of: dict[int, Optional[tuple]] = {}
     inputs = []
     shapes: dict[str, tuple] = {}
     constants = dict(exported.constants)
@@ -237,6 +239,7 @@ def build_program(exported, input_names: list[str]) -> Program:
         index = len(steps)
         index_of[node] = index
         val = node.meta.get("val")
+        shape_of[index] = tuple(val.shape) if isinstance(val, torch.Tensor) else None
         if node.op == "placeholder":
             what, name = kind_of_input[node.name]
             if what == "input" and not isinstance(val, torch.Tensor):
@@ -295,11 +298,67 @@ def build_program(exported, input_names: list[str]) -> Program:
         else:
             outputs.append(None)
             constant_outputs[i] = arg
+    _collapse_activations(steps, shape_of, {i for i in outputs if i is not None})
     sites = [s.index for s in steps if s.data and _is_attention_probabilities(s, steps)]
     for site in sites:
         _mark_mask(steps, site)
     return Program(steps, inputs, outputs, constant_outputs, exported.call_spec.out_spec, sites,
                    {name: shapes.get(name, ()) for name in input_names}, constants)
+
+
+# Element-wise operations that can make up an activation written out in Python (GPT-2's tanh
+# GELU: ``0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3)))``, ``x * sigmoid(x)``).
+_ELEMENTWISE = {
+    aten.mul.Tensor, aten.mul.Scalar, aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar,
+    aten.rsub.Scalar, aten.div.Tensor, aten.div.Scalar, aten.neg.default, aten.pow.Tensor_Scalar,
+    aten.tanh.default, aten.sigmoid.default, aten.erf.default, aten.exp.default, aten.gelu.default,
+    aten.silu.default, aten.relu.default, aten.clamp.default, aten.clamp_min.default, aten.clamp_max.default,
+}
+_AFFINE = {aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub.Scalar, aten.neg.default,
+           aten.mul.Scalar, aten.div.Scalar}
+
+
+def _collapse_activations(steps: list[Step], shape_of: dict, outputs: set[int]) -> None:
+    """A region of element-wise operations that computes a non-linear function of ONE data
+    tensor ``x`` (and constants) and hands one result ``y`` of x's shape to the rest of the
+    graph is an activation: ``y`` becomes one step of kind "activation" with input ``x``
+    (identity rule; AttnLRP's implicit identity). Its inner steps still compute ``y`` but take
+    no relevance. Without this, ``x * (1 + tanh(..x..))`` would look like a product of two
+    data factors."""
+    source: dict[int, int] = {}              # region member -> the tensor it is a function of
+    users: dict[int, set[int]] = collections.defaultdict(set)
+    for step in steps:
+        refs: list[int] = []
+        _walk((step.args, step.kwargs), lambda r: refs.append(r.index))
+        data_refs = {r for r in refs if steps[r].data}
+        for r in refs:
+            users[r].add(step.index)
+        if step.target not in _ELEMENTWISE or not step.data or not data_refs:
+            continue
+        origins = {source.get(r, r) for r in data_refs}
+        if len(origins) == 1:
+            source[step.index] = origins.pop()
+    regions: dict[int, list[int]] = collections.defaultdict(list)
+    for member, x in source.items():
+        regions[x].append(member)
+    for x, members in regions.items():
+        inside = set(members)
+        leaving = [m for m in members if m in outputs or users[m] - inside]
+        if len(members) < 2 or len(leaving) != 1 or shape_of.get(leaving[0]) != shape_of.get(x):
+            continue
+        linear = all(steps[m].target in _AFFINE or (steps[m].target is aten.mul.Tensor and
+                     sum(1 for a in steps[m].args if isinstance(a, Ref) and steps[a.index].data) < 2)
+                     or (steps[m].target is aten.div.Tensor and not isinstance(steps[m].args[1], Ref))
+                     for m in members)
+        if linear:                       # scalings and shifts: the ordinary rules are exact
+            continue
+        y = steps[leaving[0]]
+        y.kind, y.statistic, y.data_inputs = "activation", False, [x]
+        for m in members:
+            if m != y.index:
+                steps[m].data_inputs, steps[m].consumers = [], []
+        steps[x].consumers = [c for c in steps[x].consumers if c not in inside] + [y.index]
+        steps[x].last_use = max(steps[x].last_use, y.index)
 
 
 def _functional(target: Any) -> Any:
@@ -390,6 +449,7 @@ class Tracer:
         program = build_program(exported, list(inputs))
         program.trace_seconds = time.perf_counter() - start
         program.input_kinds = {name: (t.dtype, t.device.type) for name, t in inputs.items()}
+        program.dtype = dtype
         self.programs.append(program)
         if self.on_trace is not None:
             self.on_trace(program)
