@@ -361,6 +361,7 @@ def _register_decoder(name: str, causal_lm: tuple[str, ...], classifier: tuple[s
     register_family(Family(f"{name} classifier", classifier, example=example, **_DECODER))
 
 
+_register_decoder("GPT-2", ("GPT2LMHeadModel",), ("GPT2ForSequenceClassification",), "openai-community/gpt2")
 _register_decoder("Llama", ("LlamaForCausalLM",), ("LlamaForSequenceClassification",), "meta-llama/Llama-3.2-1B")
 _register_decoder("Qwen2", ("Qwen2ForCausalLM",), ("Qwen2ForSequenceClassification",), "Qwen/Qwen2.5-0.5B")
 _register_decoder("Mistral", ("MistralForCausalLM",), ("MistralForSequenceClassification",),

@@ -34,6 +34,15 @@ def _config(extra: dict) -> dict:
     return {**DECODER_CONFIG, **extra}
 
 
+# GPT-2: learned absolute positions, fused q/k/v (Conv1D as addmm), tanh GELU written out in
+# element-wise ops (one activation step of the graph)
+GPT2_CONFIG = dict(n_embd=32, n_layer=2, n_head=4, n_inner=64, vocab_size=VOCAB, n_positions=64, num_labels=3,
+                   pad_token_id=0, bos_token_id=1, eos_token_id=1)
+register(Case("gpt2_lm", "text", hf_builder(tf.GPT2Config, tf.GPT2LMHeadModel, **GPT2_CONFIG), text_inputs(first=2),
+              left_inputs=text_inputs(first=2, side="left"), classes=VOCAB, scores_at_last=True))
+register(Case("gpt2_classifier", "text", hf_builder(tf.GPT2Config, tf.GPT2ForSequenceClassification, **GPT2_CONFIG),
+              text_inputs(first=2), left_inputs=text_inputs(first=2, side="left")))
+
 for _name, _config_cls, _lm, _classifier, _extra, _sdpa in DECODERS:
     register(Case(f"{_name}_lm", "text", hf_builder(_config_cls, _lm, **_config(_extra)), text_inputs(first=2),
                   left_inputs=text_inputs(first=2, side="left"), classes=VOCAB, scores_at_last=True, sdpa=_sdpa))
