@@ -369,4 +369,5 @@ _register_decoder("Mistral", ("MistralForCausalLM",), ("MistralForSequenceClassi
 _register_decoder("Gemma2", ("Gemma2ForCausalLM",), ("Gemma2ForSequenceClassification",), "google/gemma-2-2b")
 _register_decoder("Gemma3", ("Gemma3ForCausalLM",), ("Gemma3TextForSequenceClassification",),
                   "google/gemma-3-1b-pt")
-register_family(Family("Gemma4", ("Gemma4ForCausalLM",), scores_at="last", example="google/gemma-4-E2B", **_DECODER))
+# Gemma4: the text-only causal LM (per-layer token embeddings, sliding and full attention layers)
+register_family(Family("Gemma4", ("Gemma4ForCausalLM",), scores_at="last", **_DECODER))
