@@ -20,10 +20,11 @@ END = "<!-- families:end -->"
 INPUTS = {"image": "images", "text": "text"}
 
 
-def _scores(logits) -> str:
+def _scores(logits, scores_at: str = "") -> str:
     if logits is None:
         return "none: pass `target=callable`"
-    return "the output itself" if logits == "" else f"`{logits}`"
+    where = " at the last real token (next-token logits; target = token id)" if scores_at == "last" else ""
+    return ("the output itself" if logits == "" else f"`{logits}`") + where
 
 
 def markdown(families=None) -> str:
@@ -37,7 +38,7 @@ def markdown(families=None) -> str:
         classes = ", ".join(f"`{name}`" for name in family.classes)
         example = f"`{family.example}`" if family.example else ""
         lines.append(f"| {family.name} | {classes} | {family.library} | {INPUTS.get(family.modality, family.modality)} "
-                     f"| {_scores(family.logits)} | {family.preset} | {example} |")
+                     f"| {_scores(family.logits, family.scores_at)} | {family.preset} | {example} |")
     return "\n".join(lines)
 
 

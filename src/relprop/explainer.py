@@ -102,7 +102,7 @@ class Explainer:
         dtype = _compute_dtype(self.model, self._requested_dtype)
         if not hasattr(self, "family"):
             self.family: Family = family_of(self.model)
-        self.tracer = tracer_for(self.model, DYNAMIC, {}, fresh=retrace)
+        self.tracer = tracer_for(self.model, DYNAMIC, self.family.forward_kwargs, fresh=retrace)
         with torch.inference_mode(False):       # copies made here must be usable by autograd
             self.weights = _read_weights(self.model, dtype)
         self.dtype = dtype
@@ -155,7 +155,7 @@ class Explainer:
         self._sync()
         # the structure (module settings such as a norm's eps, patched forwards, hooks) is
         # checked at every call: a changed one gets its own export
-        self.tracer = tracer_for(self.model, DYNAMIC, {})
+        self.tracer = tracer_for(self.model, DYNAMIC, self.family.forward_kwargs)
         with torch.inference_mode(False):
             prepared = prepare(self.model, self.family, inputs, self.dtype, self.device)
             return self.tracer.program(self.model, prepared.kwargs), prepared
@@ -210,7 +210,7 @@ class Explainer:
             scores, output, target_index, internals = self._by_trace(chosen, options, needs, program, prepared,
                                                                      target, sites, keep_internals)
         grid = prepared.extras.get("grid") if not chosen.input_level else None
-        return Explanation(relevance=scores.detach(), target=target_index, logits=self._logits(output),
+        return Explanation(relevance=scores.detach(), target=target_index, logits=self._logits(output, prepared.valid),
                            method=method, options=options, grid=grid,
                            input_size=tuple(prepared.extras["pixels"].shape[-2:]) if "pixels" in prepared.extras else None,
                            mask=prepared.extras.get("attention_mask"), internals=internals,
@@ -231,7 +231,7 @@ class Explainer:
                 fwd = engine.forward(program, prepared.kwargs, self.weights, self.dtype, keep=keep,
                                      grad_site=grad_site)
             output = _unflatten(program, fwd.outputs)
-            score_of, target_index = self._score_function(target, output, prepared.batch)
+            score_of, target_index = self._score_function(target, output, prepared.batch, prepared.valid)
             grads = {}
             if needs.gradient_blocks:
                 blocks = sorted(needs.gradient_blocks)
@@ -289,7 +289,7 @@ class Explainer:
             fwd = engine.forward(program, prepared.kwargs, self.weights, self.dtype, keep=frozenset({point}),
                                  gradient_rules=rules, biases=needs.biases, leaf=point)
             output = _unflatten(program, fwd.outputs)
-            score_of, target_index = self._score_function(target, output, prepared.batch)
+            score_of, target_index = self._score_function(target, output, prepared.batch, prepared.valid)
             embedded = fwd.values[point]
             (grad,) = torch.autograd.grad(score_of(output).sum(), embedded, allow_unused=True)
         with torch.no_grad():
@@ -351,22 +351,31 @@ class Explainer:
         Returns
         -------
         torch.Tensor
-            [B, classes].
+            [B, classes]; for a causal language model, the next-token logits [B, vocabulary] at
+            each sample's last real token.
         """
         program, prepared = self.program(inputs)
         with torch.no_grad():
             fwd = engine.forward(program, prepared.kwargs, self.weights, self.dtype)
-            logits = self._logits(_unflatten(program, fwd.outputs))
+            logits = self._logits(_unflatten(program, fwd.outputs), prepared.valid)
         if logits is None:
             raise InputError(f"{type(self.model).__name__} outputs no class scores")
         return logits
 
-    def _logits(self, output) -> Optional[torch.Tensor]:
+    def _logits(self, output, valid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        scores = self._scores(output, valid)
+        return None if scores is None else scores.detach()
+
+    def _scores(self, output, valid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The family's class scores [B, classes] in ``output`` (None: it has none); per-position
+        scores (`registry.Family.scores_at`) are read at each sample's last real token."""
         field = self.family.logits
         if field is None:
             return None
         value = output if field == "" else (output[field] if isinstance(output, dict) else getattr(output, field))
-        return value.detach()
+        if self.family.scores_at == "last":
+            value = value[torch.arange(value.shape[0], device=value.device), last_real(valid, value.shape[1])]
+        return value
 
     def _input_point(self, program: Program) -> int:
         """The step whose relevance `lrp` reports: the pixels, or (text) the embeddings' output,
@@ -374,9 +383,17 @@ class Explainer:
         if self.family.modality == "image":
             return next(i for i, what, name in program.inputs if what == "input" and name == self.family.pixel_input)
         word = self.model.get_input_embeddings()
-        path = next(name for name, module in self.model.named_modules() if module is word).rpartition(".")[0]
-        inside = [s.index for s in program.steps if s.data and (s.module.startswith(path + ".") or
-                                                                 s.module.startswith(path + " "))]
+        word_path = next(name for name, module in self.model.named_modules() if module is word)
+        path = word_path.rpartition(".")[0]
+
+        def inside_of(path):
+            return [s.index for s in program.steps if s.data and (s.module.startswith(path + ".") or
+                                                                   s.module.startswith(path + " "))]
+        # an embeddings module (BERT's: words, positions, types, norm) ends where the encoder
+        # starts; a decoder's word embedding sits in the decoder itself: its own output then
+        if any(i in inside_of(path) for i in program.attention_sites):
+            path = word_path
+        inside = inside_of(path)
         if not inside:
             raise UnsupportedModelError(f"cannot find the embeddings ({path}) in the exported graph")
         return inside[-1]
@@ -384,7 +401,7 @@ class Explainer:
     def _input_relevance(self, relevance: torch.Tensor) -> torch.Tensor:
         return relevance.sum(dim=1) if self.family.modality == "image" else relevance.sum(dim=-1)
 
-    def _score_function(self, target: TargetLike, output, batch: int):
+    def _score_function(self, target: TargetLike, output, batch: int, valid: Optional[torch.Tensor]):
         """``(score_of, target_index)``: score_of(output) -> [B], the score each explanation is of."""
         if callable(target) and not isinstance(target, torch.Tensor):
             def score_of(out):
@@ -397,18 +414,16 @@ class Explainer:
             scores = score_of(output).detach()
             _check_finite(scores[:, None])
             return score_of, None
-        logits = self._logits(output)
+        logits = self._logits(output, valid)
         if logits is None:
             raise InputError(f"{type(self.model).__name__} outputs no class scores, so a class target means "
                              "nothing; pass target=callable(model_output) -> one score per sample, e.g. "
                              "lambda out: out.pooler_output @ reference")
         _check_finite(logits)
         index = self._resolve_target(target, logits)
-        field = self.family.logits
 
         def score_of(out):
-            value = out if field == "" else (out[field] if isinstance(out, dict) else getattr(out, field))
-            return value.gather(1, index[:, None]).squeeze(1)
+            return self._scores(out, valid).gather(1, index[:, None]).squeeze(1)
         return score_of, index
     def _resolve_target(self, target: TargetLike, logits: torch.Tensor) -> torch.Tensor:
         batch, classes = logits.shape
@@ -532,7 +547,16 @@ def _read_weights(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch
     return weights
 
 
-READOUTS = ("cls", "mean", "cls+mean")
+READOUTS = ("cls", "mean", "cls+mean", "last")
+
+
+def last_real(valid: Optional[torch.Tensor], length: int) -> torch.Tensor:
+    """[B] index of each sample's last real token (the last where ``valid`` is True); without a
+    mask, the last position."""
+    if valid is None:
+        return torch.tensor([length - 1])
+    positions = torch.arange(valid.shape[1], device=valid.device)
+    return torch.where(valid, positions, -1).amax(dim=1)
 
 
 def _readout_weights(readout: str, prefix: int, last: torch.Tensor, batch: int,
@@ -544,6 +568,9 @@ def _readout_weights(readout: str, prefix: int, last: torch.Tensor, batch: int,
     if readout == "cls":
         return None
     num_tokens = last.shape[-1]
+    if readout == "last":
+        index = last_real(valid, num_tokens).to(last.device).expand(batch)
+        return torch.nn.functional.one_hot(index, num_tokens).to(last.dtype)
     # the content tokens, equally; real (non-padding) ones where the last block has the input's tokens
     counted = torch.ones(batch, num_tokens, dtype=torch.bool, device=last.device)
     if valid is not None and valid.shape[-1] == num_tokens:

@@ -85,6 +85,10 @@ _STATISTICS = {
 _META = {aten._assert_tensor_metadata.default, aten._assert_scalar.default, aten.sym_constrain_range_for_size.default}
 
 
+# Arguments read for their dtype only (``type_as(x, like)``): no data flows from them.
+_DTYPE_ONLY = {aten.type_as.default: (1,)}
+
+
 def op_kind(target: Any) -> Optional[str]:
     return _KINDS.get(target)
 
@@ -216,6 +220,7 @@ def build_program(exported, input_names: list[str]) -> Program:
     shape_of: dict[int, Optional[tuple]] = {}
     inputs: list[tuple[int, str, str]] = []
     shapes: dict[str, tuple] = {}
+    constants = dict(exported.constants)
 
     def to_ref(arg):
         if isinstance(arg, torch.fx.Node):
@@ -237,6 +242,10 @@ def build_program(exported, input_names: list[str]) -> Program:
         shape_of[index] = tuple(val.shape) if isinstance(val, torch.Tensor) else None
         if node.op == "placeholder":
             what, name = kind_of_input[node.name]
+            if what == "input" and not isinstance(val, torch.Tensor):
+                # a fixed forward argument (use_cache=False): exported as a constant input
+                what = "constant"
+                constants[name] = val
             step = Step(index, node.name, None, (), {}, name, "input" if what == "input" else None)
             if what == "input":
                 step.depends = True
@@ -273,7 +282,8 @@ def build_program(exported, input_names: list[str]) -> Program:
         if step.data and _functional(node.target) is not None:
             _make_functional(step, node, steps, index_of)
         if step.data:
-            seen = set()
+            seen = {arg.index for position, arg in enumerate(step.args)
+                    if position in _DTYPE_ONLY.get(node.target, ()) and isinstance(arg, Ref)}
             for r in refs:
                 if steps[r].data and not steps[r].statistic and r not in seen:
                     seen.add(r)
@@ -296,7 +306,7 @@ def build_program(exported, input_names: list[str]) -> Program:
     for site in sites:
         _mark_mask(steps, site)
     return Program(steps, inputs, outputs, constant_outputs, exported.call_spec.out_spec, sites,
-                   {name: shapes.get(name, ()) for name in input_names}, dict(exported.constants))
+                   {name: shapes.get(name, ()) for name in input_names}, constants)
 
 
 # Element-wise operations that can make up an activation written out in Python (GPT-2's tanh

@@ -107,12 +107,15 @@ def _text_parts(inputs: Any):
     mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask)
     if mask.shape != ids.shape:
         raise InputError(f"attention_mask shape {tuple(mask.shape)} differs from input_ids {tuple(ids.shape)}")
-    types = inputs.get("token_type_ids")
-    if types is not None:
-        types = torch.as_tensor(types)
-        if types.shape != ids.shape:
-            raise InputError(f"token_type_ids shape {tuple(types.shape)} differs from input_ids {tuple(ids.shape)}")
-    return ids.long(), mask.bool(), types
+    extra = {}
+    for name in ("token_type_ids", "position_ids"):      # position_ids: as generate() passes them
+        value = inputs.get(name)
+        if value is not None:
+            value = torch.as_tensor(value)
+            if value.shape != ids.shape:
+                raise InputError(f"{name} shape {tuple(value.shape)} differs from input_ids {tuple(ids.shape)}")
+            extra[name] = value
+    return ids.long(), mask.bool(), extra
 
 
 def text_batch_size(inputs: Any) -> int:
@@ -120,13 +123,16 @@ def text_batch_size(inputs: Any) -> int:
 
 
 def prepare_text(model, family: Family, inputs: Any, dtype: torch.dtype, device) -> Prepared:
-    ids, valid, types = _text_parts(inputs)
+    ids, valid, extra = _text_parts(inputs)
     ids, valid = ids.to(device), valid.to(device)
     vocab = model.get_input_embeddings().num_embeddings
     if (ids < 0).any() or (ids >= vocab).any():
         raise InputError(f"input_ids outside the model's vocabulary (0..{vocab - 1}); "
                          "was the text tokenized with this model's tokenizer?")
-    if not valid[:, 0].all():
+    empty = (~valid.any(dim=1)).nonzero().flatten().tolist()
+    if empty:
+        raise InputError(f"sample(s) {empty} have no real token (attention_mask is all 0)")
+    if family.readout(model) != "last" and not valid[:, 0].all():
         raise InputError("the first token (the pooled [CLS]) is padding in some sample; "
                          "use right padding (the tokenizer's default for these models)")
     config = model.config
@@ -140,8 +146,9 @@ def prepare_text(model, family: Family, inputs: Any, dtype: torch.dtype, device)
                              "(tokenizer(..., truncation=True)) or explain with windows "
                              "(relprop.text.explain_text(..., long_text='windows'))")
     kwargs = {"input_ids": ids, "attention_mask": valid.long()}
-    if types is not None:
-        kwargs["token_type_ids"] = types.to(device).long()
+    kwargs.update({name: value.to(device).long() for name, value in extra.items()})
+    if family.positions_from_mask and "position_ids" not in kwargs:
+        kwargs["position_ids"] = (valid.long().cumsum(1) - 1).masked_fill(~valid, 1)
     return Prepared(kwargs, valid, {"attention_mask": valid, "input_ids": ids})
 
 
@@ -156,4 +163,5 @@ def prepare(model, family: Family, inputs: Any, dtype: torch.dtype, device) -> P
 
 
 #: dims of each forward argument that may vary without a new export
-DYNAMIC = {"pixel_values": (0,), "x": (0,), "input_ids": (0, 1), "attention_mask": (0, 1), "token_type_ids": (0, 1)}
+DYNAMIC = {"pixel_values": (0,), "x": (0,), "input_ids": (0, 1), "attention_mask": (0, 1), "token_type_ids": (0, 1),
+           "position_ids": (0, 1)}

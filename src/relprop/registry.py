@@ -22,6 +22,9 @@ VISION_DEFAULTS = {"attn_gradcam": {"scope": "cls_row"},
 # layer only; GradCAM averages the gradient over the whole attention matrix
 TEXT_DEFAULTS = {"attn_gradcam": {"scope": "matrix"},
                  "transformer_attribution": {"start_layer": -1, "row_normalize": True}}
+# decoders (no authors' code): the paper's equations, as for vision: the explained position's row
+# of every block's map, rolled out over all blocks without normalisation
+DECODER_DEFAULTS = VISION_DEFAULTS
 
 
 @dataclass(frozen=True)
@@ -60,14 +63,31 @@ class Family:
         grid the block attends over, for hierarchical models whose attention runs in windows and
         whose grid shrinks at each patch merging (Swin; see `relprop.tokens`). None: every block
         attends over the same token sequence.
+    scores_at : str
+        Where in the ``logits`` field the scores are: ``""`` (it is [B, classes]) or ``"last"``
+        (it is [B, N, V], scores per position, as a causal language model's next-token logits:
+        each sample's scores are read at its last real token, the last where ``attention_mask``
+        is 1, so left and right padding both work).
+    forward_kwargs : dict
+        Arguments the model's forward always gets (decoders: ``use_cache=False``, as a key-value
+        cache in the output cannot be exported).
+    positions_from_mask : bool
+        Unless the inputs hold ``position_ids``, pass ones that number each sample's real tokens
+        from 0 (as ``generate()`` does; padding gets 1): a left-padded sample is then computed,
+        and explained, as it is alone. Otherwise its positions would be shifted by its padding,
+        which changes absolute position embeddings (GPT-2) and, with rotary embeddings, the
+        relevance split (their rotation depends on the absolute position, not only on the
+        distance that the attention scores see).
     readout : callable
         ``model -> str``: which tokens' outputs the model's head reads, i.e. what the methods'
         "pooled row" (of an attention map, of a rollout) is. ``"cls"``: the [CLS] row (token 0).
         ``"mean"``: the mean of the content tokens' rows (BEiT with ``use_mean_pooling``: its
         head reads the mean of the patch tokens; Swin: the average pool of the last stage's tokens). ``"cls+mean"``: half the [CLS] row plus half
         the content tokens' mean row (DINOv2: its head reads [CLS] concatenated with the mean of
-        the patch tokens, so each half of the features gets half the weight). Prefix tokens
-        other than [CLS] (distillation, register tokens) never take part.
+        the patch tokens, so each half of the features gets half the weight). ``"last"``: each
+        sample's last real token (decoders: the position whose next-token logits, or whose pooled
+        state, the head reads). Prefix tokens other than [CLS] (distillation, register tokens)
+        never take part.
     prompts : bool
         The model also takes text prompts (``input_ids``, optional ``attention_mask``, [P, L])
         that each image is scored against (CLIP zero-shot: class ``p`` is prompt ``p``); they
@@ -89,6 +109,9 @@ class Family:
     example: str = ""
     method_defaults: dict = field(default_factory=dict)
     token_grids: Optional[Callable[[Any, tuple[int, int]], list[tuple[int, int]]]] = None
+    scores_at: str = ""
+    forward_kwargs: dict = field(default_factory=dict)
+    positions_from_mask: bool = False
 
     def defaults(self) -> dict:
         return self.method_defaults or (VISION_DEFAULTS if self.modality == "image" else TEXT_DEFAULTS)
@@ -322,3 +345,29 @@ def _modernbert_pooling(model) -> str:
 register_family(Family("ModernBERT", ("ModernBertForSequenceClassification",), "text", preset="text",
                        readout=_modernbert_pooling))
 register_family(Family("DeBERTa-v2", ("DebertaV2ForSequenceClassification",), "text", preset="text"))
+
+
+# -- decoder language models ------------------------------------------------------------------
+# Causal attention, no [CLS]: what is explained is each sample's last real token (the readout
+# "last"): a causal LM's next-token logits there (scores_at="last", target = a token id), or the
+# pooled state a sequence-classification head reads there (the head itself finds the last
+# non-padding token). use_cache=False: a key-value cache in the output cannot be exported.
+_DECODER = dict(modality="text", preset="text", readout=lambda model: "last", method_defaults=DECODER_DEFAULTS,
+                forward_kwargs={"use_cache": False}, positions_from_mask=True)
+
+
+def _register_decoder(name: str, causal_lm: tuple[str, ...], classifier: tuple[str, ...], example: str) -> None:
+    register_family(Family(name, causal_lm, scores_at="last", example=example, **_DECODER))
+    register_family(Family(f"{name} classifier", classifier, example=example, **_DECODER))
+
+
+_register_decoder("GPT-2", ("GPT2LMHeadModel",), ("GPT2ForSequenceClassification",), "openai-community/gpt2")
+_register_decoder("Llama", ("LlamaForCausalLM",), ("LlamaForSequenceClassification",), "meta-llama/Llama-3.2-1B")
+_register_decoder("Qwen2", ("Qwen2ForCausalLM",), ("Qwen2ForSequenceClassification",), "Qwen/Qwen2.5-0.5B")
+_register_decoder("Mistral", ("MistralForCausalLM",), ("MistralForSequenceClassification",),
+                  "mistralai/Mistral-7B-v0.1")
+_register_decoder("Gemma2", ("Gemma2ForCausalLM",), ("Gemma2ForSequenceClassification",), "google/gemma-2-2b")
+_register_decoder("Gemma3", ("Gemma3ForCausalLM",), ("Gemma3TextForSequenceClassification",),
+                  "google/gemma-3-1b-pt")
+# Gemma4: the text-only causal LM (per-layer token embeddings, sliding and full attention layers)
+register_family(Family("Gemma4", ("Gemma4ForCausalLM",), scores_at="last", **_DECODER))

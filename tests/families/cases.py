@@ -25,6 +25,10 @@ class Case:
     ``sdpa_eager_dtype``: the dtype the SDPA and eager copies are compared in (float64 where
     the two graphs round differently in float32, which LRP amplifies). ``sdpa``: the
     library has an SDPA implementation of the model (DeBERTa-v2 has eager attention only).
+    ``left_inputs``: the same kind of batch left-padded (decoders), also checked for batch =
+    single; None: right padding only. ``scores_at_last``: ``logits(output)`` is [B, N, V] (a
+    causal LM's next-token logits) and the explained scores are those at each sample's last
+    real token.
     """
 
     name: str
@@ -40,6 +44,8 @@ class Case:
     attentions_of: Callable[[Any], tuple] = lambda output: output.attentions
     shared: tuple[str, ...] = ()
     sdpa_eager_dtype: torch.dtype = torch.float32
+    left_inputs: Optional[Callable[[int], dict[str, Any]]] = None
+    scores_at_last: bool = False
 
     def per_sample(self, inputs: dict) -> dict:
         return {k: v for k, v in inputs.items() if k not in self.shared}
@@ -80,19 +86,26 @@ def image_inputs(size: int = 32, channels: int = 3) -> Callable[[int], dict]:
 
 
 def text_inputs(first: int = 2, pad: int = 0, length: int = 12, vocab: int = 100,
-                token_types: bool = False) -> Callable[[int], dict]:
-    """Ids with the model's first token, sample 1 right-padded after 7 tokens (mixed lengths)."""
+                token_types: bool = False, side: str = "right", positions: bool = False) -> Callable[[int], dict]:
+    """Ids with the model's first token, sample 1 padded to 7 real tokens (mixed lengths), on the
+    right or (``side="left"``, decoders) on the left. ``positions``: also ``position_ids``
+    counting the real tokens from 0 (as generate() passes them with left padding)."""
     def inputs(batch=3):
         gen = torch.Generator().manual_seed(1)
         ids = torch.randint(5, vocab, (batch, length), generator=gen)
         ids[:, 0] = first
         mask = torch.ones_like(ids)
         if batch > 1:
-            mask[1, 7:] = 0
-            ids[1, 7:] = pad
+            padded = slice(7, None) if side == "right" else slice(None, length - 7)
+            mask[1, padded] = 0
+            ids[1, padded] = pad
+            if side == "left":
+                ids[1, length - 7] = first
         out = {"input_ids": ids, "attention_mask": mask}
         if token_types:
             out["token_type_ids"] = torch.zeros_like(ids)
+        if positions:
+            out["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0)
         return out
     return inputs
 
@@ -153,4 +166,4 @@ for _name, _options in (("timm_vit", {}), ("timm_deit_distilled", {"distilled": 
                   forward=_timm_forward, logits=lambda output: output))
 
 # further families register their cases in these modules
-from tests.families import cases_swin, cases_text, cases_vision  # noqa: E402,F401
+from tests.families import cases_decoder, cases_swin, cases_text, cases_vision  # noqa: E402,F401

@@ -28,6 +28,16 @@ def _target(case, batch):
     return case.target if case.target is not None else [i % case.classes for i in range(batch)]
 
 
+def _model_scores(case, output, inputs):
+    """The model's own class scores [B, classes] (a causal LM: its logits at each sample's last real token)."""
+    scores = case.logits(output)
+    if case.scores_at_last:
+        mask = inputs["attention_mask"].bool()
+        last = torch.where(mask, torch.arange(mask.shape[1]), -1).amax(dim=1)
+        scores = scores[torch.arange(scores.shape[0]), last]
+    return scores
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_logits_equal_models_own(name):
     case = CASES[name]
@@ -38,7 +48,7 @@ def test_logits_equal_models_own(name):
     with torch.no_grad():
         own = case.forward(model, inputs)
     if case.target is None:
-        expected, ours = case.logits(own), explainer.logits(inputs)
+        expected, ours = _model_scores(case, own, inputs), explainer.logits(inputs)
     else:       # headless: the explained score, from the output the engine hands a callable target
         seen = []
         explainer.explain(inputs, "raw_attention", target=lambda out: seen.append(out) or case.target(out))
@@ -60,7 +70,7 @@ def test_attention_and_gradients_equal_eager_model(name):
         target = case.target
         target(out).sum().backward()
     else:
-        case.logits(out).gather(1, target[:, None]).sum().backward()
+        _model_scores(case, out, inputs).gather(1, target[:, None]).sum().backward()
     internals = relprop.Explainer(model, dtype=torch.float64).explain(
         inputs, "grad_rollout", target=target, keep_internals=True).internals
     assert len(internals.attention) == len(attentions)
@@ -88,24 +98,25 @@ def test_sdpa_model_explained_like_eager_copy(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_float64_batch_equals_single(name):
-    """Every method: a batch (text: with a padded sample) gives each sample's map alone to
-    <= 1e-6 in float64, and padded positions get exactly 0."""
+    """Every method: a batch (text: with a padded sample; decoders: right and left padding)
+    gives each sample's map alone to <= 1e-6 in float64, and padded positions get exactly 0."""
     case = CASES[name]
-    inputs = case.inputs(3)
     explainer = relprop.Explainer(case.build(None), dtype=torch.float64)
-    own = case.per_sample(inputs)
-    lengths = own["attention_mask"].sum(1).tolist() if "attention_mask" in own else [None] * 3
-    for method in relprop.methods():
-        batch = explainer.explain(inputs, method, target=_target(case, 3)).relevance
-        for i, n in enumerate(lengths):
-            alone = {k: v[i:i + 1, :n] for k, v in own.items() if k != "attention_mask"}
-            alone.update({k: inputs[k] for k in case.shared})
-            target = case.target if case.target is not None else i % case.classes
-            single = explainer.explain(alone, method, target=target).relevance[0]
-            ours = batch[i] if n is None else batch[i, :n]
-            assert (ours - single).abs().max() <= 1e-6 * single.abs().max(), (method, i)
-            if n is not None:
-                assert (batch[i, n:] == 0).all(), (method, i)
+    for inputs in [case.inputs(3)] + ([case.left_inputs(3)] if case.left_inputs is not None else []):
+        own = case.per_sample(inputs)
+        masks = own["attention_mask"].bool() if "attention_mask" in own else [None] * 3
+        for method in relprop.methods():
+            batch = explainer.explain(inputs, method, target=_target(case, 3)).relevance
+            for i, real in enumerate(masks):
+                alone = {k: v[i:i + 1] if real is None else v[i:i + 1, real]
+                         for k, v in own.items() if k != "attention_mask"}
+                alone.update({k: inputs[k] for k in case.shared})
+                target = case.target if case.target is not None else i % case.classes
+                single = explainer.explain(alone, method, target=target).relevance[0]
+                ours = batch[i] if real is None else batch[i, real]
+                assert (ours - single).abs().max() <= 1e-6 * single.abs().max(), (method, i)
+                if real is not None:
+                    assert (batch[i, ~real] == 0).all(), (method, i)
 
 
 def _degenerate_inputs(case):
