@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numbers
 import weakref
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union, cast
 
 import torch
 
@@ -267,7 +267,7 @@ class Explainer:
                           readout=_readout_weights(self.family.readout(self.model), prefix, attention[-1], prepared.batch,
                                                    prepared.valid),
                           parents=None if layout is None else layout.parents)
-            if needs.input_relevance:
+            if input_point is not None:
                 trace.input_relevance = self._input_relevance(relevance.at[input_point])
             scores = chosen(trace, **options)
             if not chosen.input_level:
@@ -404,16 +404,17 @@ class Explainer:
     def _score_function(self, target: TargetLike, output, batch: int, valid: Optional[torch.Tensor]):
         """``(score_of, target_index)``: score_of(output) -> [B], the score each explanation is of."""
         if callable(target) and not isinstance(target, torch.Tensor):
-            def score_of(out):
-                scores = target(out)
+            score_target = target
+
+            def target_score(out):
+                scores = score_target(out)
                 if not isinstance(scores, torch.Tensor) or scores.shape != (batch,):
                     shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
                     raise InputError(f"a callable target must return one score per sample (a tensor of shape "
                                      f"[{batch}]), got {shape}")
                 return scores
-            scores = score_of(output).detach()
-            _check_finite(scores[:, None])
-            return score_of, None
+            _check_finite(target_score(output).detach()[:, None])
+            return target_score, None
         logits = self._logits(output, valid)
         if logits is None:
             raise InputError(f"{type(self.model).__name__} outputs no class scores, so a class target means "
@@ -430,10 +431,11 @@ class Explainer:
         if target is None:
             return logits.argmax(dim=1)
         if isinstance(target, (str, numbers.Integral)):
-            index = torch.full((batch,), self.class_index(target), dtype=torch.long, device=logits.device)
+            index = torch.full((batch,), self.class_index(target if isinstance(target, str) else int(target)),
+                               dtype=torch.long, device=logits.device)
         else:
-            if not isinstance(target, torch.Tensor) and _has_names(target):
-                target = [self.class_index(t) for t in target]
+            if not isinstance(target, torch.Tensor) and _has_names(target):   # names, or names and indices
+                target = [self.class_index(t) for t in cast(Sequence, target)]
             index = torch.as_tensor(target, device=logits.device)
             if index.is_floating_point() or index.dtype == torch.bool:
                 raise InputError(f"target must hold integer class indices or label names, got dtype {index.dtype}")
@@ -518,8 +520,9 @@ def _weights_state(model: torch.nn.Module) -> tuple[list, Optional[tuple]]:
     have (None: undecidable, for tensors made under torch.inference_mode)."""
     modules = list(model.modules())
     tensors = [t for m in modules for group in (m._parameters, m._buffers) for t in group.values() if t is not None]
-    key = tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device, _version(t)) for t in tensors)
-    if any(entry[-1] is None for entry in key):
+    key: Optional[tuple] = tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device, _version(t))
+                                 for t in tensors)
+    if key is not None and any(entry[-1] is None for entry in key):
         key = None
     return modules + tensors, key
 
@@ -592,7 +595,7 @@ def _kept_values(program: Program, rules) -> frozenset:
     for step in program.steps:
         if not step.data or not step.data_inputs:
             continue
-        inputs, output = NEEDS.get(step.kind, (False, False))
+        inputs, output = NEEDS.get(step.kind or "", (False, False))
         if inputs:
             keep.update(step.data_inputs)
         if output:
@@ -614,4 +617,5 @@ def _start_relevance(program: Program, flat: list, score_of) -> dict[int, torch.
     with torch.enable_grad():
         scores = score_of(_unflatten(program, leaves))
         grads = torch.autograd.grad(scores.sum(), [leaf for _, leaf in wanted], allow_unused=True)
-    return {program.outputs[i]: g for (i, _), g in zip(wanted, grads) if g is not None}
+    return {index: g for (i, _), g in zip(wanted, grads) if g is not None
+            and (index := program.outputs[i]) is not None}
