@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numbers
 import weakref
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union, cast
 
 import torch
 
@@ -202,8 +202,25 @@ class Explainer:
         options = resolve_options(chosen, options, self.family.defaults().get(method, {}))
         program, prepared = self.program(inputs)
         sites = self._sites(program)
+        needs = chosen.requirements(len(sites), **options)
+        if needs.gradient_rules is not None:
+            scores, output, target_index = self._by_gradient(chosen, options, needs, program, prepared, target)
+            internals = None
+        else:
+            scores, output, target_index, internals = self._by_trace(chosen, options, needs, program, prepared,
+                                                                     target, sites, keep_internals)
+        grid = prepared.extras.get("grid") if not chosen.input_level else None
+        return Explanation(relevance=scores.detach(), target=target_index, logits=self._logits(output, prepared.valid),
+                           method=method, options=options, grid=grid,
+                           input_size=tuple(prepared.extras["pixels"].shape[-2:]) if "pixels" in prepared.extras else None,
+                           mask=prepared.extras.get("attention_mask"), internals=internals,
+                           modality=self.family.modality)
+
+    def _by_trace(self, chosen, options: dict, needs, program: Program, prepared: Prepared, target: TargetLike,
+                  sites: list[int], keep_internals: bool):
+        """The attention-based methods and LRP: one forward, attention gradients, relevance
+        propagation, then the method reads the per-block A, ∇A, R_A."""
         num_blocks = len(sites)
-        needs = chosen.requirements(num_blocks, **options)
         rules = None if needs.relevance_rules is None else get_rule_set(needs.relevance_rules)
         preset = PRESETS[self.family.preset]
         input_point = self._input_point(program) if needs.input_relevance else None
@@ -250,7 +267,7 @@ class Explainer:
                           readout=_readout_weights(self.family.readout(self.model), prefix, attention[-1], prepared.batch,
                                                    prepared.valid),
                           parents=None if layout is None else layout.parents)
-            if needs.input_relevance:
+            if input_point is not None:
                 trace.input_relevance = self._input_relevance(relevance.at[input_point])
             scores = chosen(trace, **options)
             if not chosen.input_level:
@@ -258,12 +275,62 @@ class Explainer:
             if self.family.modality == "text":
                 scores = scores.masked_fill(~valid, 0)
         internals = Internals(trace.attention, grads, attention_relevance) if keep_internals else None
-        grid = prepared.extras.get("grid") if not chosen.input_level else None
-        return Explanation(relevance=scores.detach(), target=target_index, logits=self._logits(output, prepared.valid),
-                           method=method, options=options, grid=grid,
-                           input_size=tuple(prepared.extras["pixels"].shape[-2:]) if "pixels" in prepared.extras else None,
-                           mask=prepared.extras.get("attention_mask"), internals=internals,
-                           modality=self.family.modality)
+        return scores, output, target_index, internals
+
+    def _by_gradient(self, chosen, options: dict, needs, program: Program, prepared: Prepared, target: TargetLike):
+        """AttnLRP / CP-LRP: one forward with the rule set's modified backward (`gradient_rules`),
+        one backward from the explained score to the token embeddings; relevance = embedding x
+        gradient, summed over the hidden dimension."""
+        from .gradient_rules import get_gradient_rule_set
+
+        rules = get_gradient_rule_set(needs.gradient_rules)
+        point = self._token_point(program)
+        with torch.inference_mode(False), torch.enable_grad():
+            fwd = engine.forward(program, prepared.kwargs, self.weights, self.dtype, keep=frozenset({point}),
+                                 gradient_rules=rules, biases=needs.biases, leaf=point)
+            output = _unflatten(program, fwd.outputs)
+            score_of, target_index = self._score_function(target, output, prepared.batch, prepared.valid)
+            embedded = fwd.values[point]
+            (grad,) = torch.autograd.grad(score_of(output).sum(), embedded, allow_unused=True)
+        with torch.no_grad():
+            relevance = torch.zeros_like(embedded) if grad is None else embedded.detach() * grad
+            output = _unflatten(program, [o.detach() if isinstance(o, torch.Tensor) else o for o in fwd.outputs])
+            prefix = self.family.prefix_tokens(self.model) if self.family.modality == "image" else 0
+            if self.family.modality == "image":          # [B, D, h, w] patch embeddings -> [B, patches]
+                patches = relevance.sum(dim=1).flatten(1)
+                tokens_relevance = torch.cat([patches.new_zeros(prepared.batch, prefix), patches], 1)
+            else:
+                tokens_relevance = relevance.sum(dim=-1)
+            num_tokens = tokens_relevance.shape[1]
+            valid = prepared.valid
+            if valid is None:
+                valid = torch.ones(prepared.batch, num_tokens, dtype=torch.bool, device=self.device)
+            content = torch.arange(prefix, num_tokens, device=self.device)
+            trace = Trace(attention=[], attention_grad={}, attention_relevance={}, rows=[], valid=valid,
+                          content=content, input_relevance=tokens_relevance)
+            scores = chosen(trace, **options)[:, content]
+            if self.family.modality == "text":
+                scores = scores.masked_fill(~valid, 0)
+        return scores, output, target_index
+
+    def _token_point(self, program: Program) -> int:
+        """The step whose relevance, summed over the hidden dimension, is a token's: the word
+        embedding lookup (text: position and token-type embeddings keep their own share), or
+        the patch embedding's convolution of the pixels (images)."""
+        if self.family.modality == "image":
+            convs = [s.index for s in program.steps if s.data and s.kind == "conv"
+                     and (not self.family.scope or s.module.startswith(self.family.scope))]
+            if not convs:
+                raise UnsupportedModelError(f"cannot find the patch embedding of {type(self.model).__name__} "
+                                            "in its exported graph")
+            return convs[0]
+        word = self.model.get_input_embeddings()
+        path = next(name for name, module in self.model.named_modules() if module is word)
+        lookups = [s.index for s in program.steps if s.kind == "embedding" and s.data
+                   and s.module.split(" ")[0] == path]
+        if not lookups:
+            raise UnsupportedModelError(f"cannot find the word embeddings ({path}) in the exported graph")
+        return lookups[0]
 
     def _layout(self, fwd: engine.Pass, sites: list[int], prepared: Prepared) -> Optional[tokens.Layout]:
         """The token layout of a hierarchical family (see `relprop.tokens`); None for the others."""
@@ -338,16 +405,17 @@ class Explainer:
     def _score_function(self, target: TargetLike, output, batch: int, valid: Optional[torch.Tensor]):
         """``(score_of, target_index)``: score_of(output) -> [B], the score each explanation is of."""
         if callable(target) and not isinstance(target, torch.Tensor):
-            def score_of(out):
-                scores = target(out)
+            score_target = target
+
+            def target_score(out):
+                scores = score_target(out)
                 if not isinstance(scores, torch.Tensor) or scores.shape != (batch,):
                     shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
                     raise InputError(f"a callable target must return one score per sample (a tensor of shape "
                                      f"[{batch}]), got {shape}")
                 return scores
-            scores = score_of(output).detach()
-            _check_finite(scores[:, None])
-            return score_of, None
+            _check_finite(target_score(output).detach()[:, None])
+            return target_score, None
         logits = self._logits(output, valid)
         if logits is None:
             raise InputError(f"{type(self.model).__name__} outputs no class scores, so a class target means "
@@ -364,10 +432,11 @@ class Explainer:
         if target is None:
             return logits.argmax(dim=1)
         if isinstance(target, (str, numbers.Integral)):
-            index = torch.full((batch,), self.class_index(target), dtype=torch.long, device=logits.device)
+            index = torch.full((batch,), self.class_index(target if isinstance(target, str) else int(target)),
+                               dtype=torch.long, device=logits.device)
         else:
-            if not isinstance(target, torch.Tensor) and _has_names(target):
-                target = [self.class_index(t) for t in target]
+            if not isinstance(target, torch.Tensor) and _has_names(target):   # names, or names and indices
+                target = [self.class_index(t) for t in cast(Sequence, target)]
             index = torch.as_tensor(target, device=logits.device)
             if index.is_floating_point() or index.dtype == torch.bool:
                 raise InputError(f"target must hold integer class indices or label names, got dtype {index.dtype}")
@@ -452,8 +521,9 @@ def _weights_state(model: torch.nn.Module) -> tuple[list, Optional[tuple]]:
     have (None: undecidable, for tensors made under torch.inference_mode)."""
     modules = list(model.modules())
     tensors = [t for m in modules for group in (m._parameters, m._buffers) for t in group.values() if t is not None]
-    key = tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device, _version(t)) for t in tensors)
-    if any(entry[-1] is None for entry in key):
+    key: Optional[tuple] = tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device, _version(t))
+                                 for t in tensors)
+    if key is not None and any(entry[-1] is None for entry in key):
         key = None
     return modules + tensors, key
 
@@ -526,7 +596,7 @@ def _kept_values(program: Program, rules) -> frozenset:
     for step in program.steps:
         if not step.data or not step.data_inputs:
             continue
-        inputs, output = NEEDS.get(step.kind, (False, False))
+        inputs, output = NEEDS.get(step.kind or "", (False, False))
         if inputs:
             keep.update(step.data_inputs)
         if output:
@@ -548,4 +618,5 @@ def _start_relevance(program: Program, flat: list, score_of) -> dict[int, torch.
     with torch.enable_grad():
         scores = score_of(_unflatten(program, leaves))
         grads = torch.autograd.grad(scores.sum(), [leaf for _, leaf in wanted], allow_unused=True)
-    return {program.outputs[i]: g for (i, _), g in zip(wanted, grads) if g is not None}
+    return {index: g for (i, _), g in zip(wanted, grads) if g is not None
+            and (index := program.outputs[i]) is not None}

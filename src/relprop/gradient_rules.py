@@ -9,8 +9,9 @@ changed), autograd takes the gradient of the explained score at the input point,
 relevance there is ``value * gradient``. The tables and what each entry does:
 
 * Linear layers, additions, routing, selections, means, masks, embeddings: unchanged (the
-  epsilon rule with epsilon -> 0; a bias absorbs its share, as in LXT — ``biases="conserve"``
-  gives it none, rescaling the layer's gradient by ``y / (y - b)``).
+  epsilon rule with epsilon -> 0; a bias absorbs its share, as in LXT — with
+  ``biases="redistribute"`` a linear layer's bias keeps none: its share goes to the inputs in
+  proportion to ``|x_i w_ji|``).
 * Statistics of the data (a norm's variance, 1/sqrt(var)): held constant, so a LayerNorm or
   RMSNorm passes relevance by the identity rule; ``layer_norm``/``rms_norm`` ops are recomputed
   with their standard deviation held constant.
@@ -193,8 +194,41 @@ CP_LRP_OPS: dict[str, Wrapper] = {
     **ATTNLRP_OPS, "softmax": constant_probabilities, "attention": cp_attention, "mul": constant_gate,
 }
 
-BIASES = ("absorb", "conserve")
-_BIAS_ARG = {"linear": 2, "conv": 2, "addmm": 0}
+BIASES = ("absorb", "redistribute")
+
+
+class _BiasShareToInputs(torch.autograd.Function):
+    """``out`` forward; backward also gives ``x`` the bias's share of the relevance, split in
+    proportion to ``|x_i * w_ji|`` (the bias relevance ``b_j * g_j`` of output j)."""
+
+    @staticmethod
+    def forward(ctx, out, x, weight, bias):
+        ctx.save_for_backward(x, weight, bias)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias = ctx.saved_tensors             # weight [out, in]
+        magnitude = weight.abs()
+        total = x.abs() @ magnitude.T
+        share = torch.where(total > 0, grad * bias / torch.where(total > 0, total, torch.ones_like(total)),
+                            torch.zeros_like(total))
+        return grad, torch.sign(x) * (share @ magnitude), None, None
+
+
+def _bias_redistributed(wrap: Wrapper, kind: str) -> Wrapper:
+    """A linear layer's bias keeps no relevance: its share goes back to the inputs."""
+    def redistributing(call: Call):
+        out = wrap(call)
+        if kind == "linear":
+            x, weight, bias = (list(call.args) + [None])[:3]
+        else:                                   # addmm(bias, x, weight [in, out])
+            bias, x, weight = call.args[:3]
+            weight = weight.T if isinstance(weight, torch.Tensor) else weight
+        if not isinstance(bias, torch.Tensor) or not isinstance(x, torch.Tensor) or not x.requires_grad:
+            return out
+        return _BiasShareToInputs.apply(out, x, weight.detach(), bias.detach())
+    return redistributing
 
 
 @dataclass(frozen=True)
@@ -219,27 +253,9 @@ class GradientRuleSet:
             raise UnsupportedModelError(
                 f"no {self.name} rule for {step.target} ({step.where()}); relprop does not pass relevance "
                 "through an operation silently. See relprop.families(); to add a rule, see CONTRIBUTING.md")
-        if biases == "conserve" and step.kind in _BIAS_ARG:
-            return _without_bias_share(wrap, _BIAS_ARG[step.kind])
+        if biases == "redistribute" and step.kind in ("linear", "addmm"):
+            return _bias_redistributed(wrap, step.kind)
         return wrap
-
-
-def _without_bias_share(wrap: Wrapper, position: int) -> Wrapper:
-    """The layer's bias takes no relevance: its gradient is scaled by ``y / (y - b)``, so the
-    inputs share all of ``R_y = y * g``."""
-    def conserving(call: Call):
-        out = wrap(call)
-        bias = call.args[position] if len(call.args) > position else None
-        if not isinstance(bias, torch.Tensor) or not out.requires_grad:
-            return out
-        if call.step.kind == "conv":
-            bias = bias.reshape(-1, *([1] * (out.dim() - 2)))
-        with torch.no_grad():
-            product = out - bias
-            factor = out / torch.where(product == 0, torch.ones_like(product), product)
-            factor = torch.where(product == 0, torch.zeros_like(factor), factor)
-        return scale_gradient(out, factor)
-    return conserving
 
 
 ATTNLRP = GradientRuleSet("attnlrp", ATTNLRP_OPS)

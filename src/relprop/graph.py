@@ -174,8 +174,8 @@ def export_model(model: torch.nn.Module, inputs: dict[str, torch.Tensor], dynami
         # graph is all it keeps; the weights are read from the model itself at every run)
         import copy
         model = copy.deepcopy(model)
-    dynamic_shapes = {name: {d: Dim.AUTO for d in dims} for name, dims in dynamic.items()}
-    dynamic_shapes = {name: dynamic_shapes.get(name) for name in inputs}
+    per_input = {name: {d: Dim.AUTO for d in dims} for name, dims in dynamic.items()}
+    dynamic_shapes = {name: per_input.get(name) for name in inputs}
     try:
         model.eval()
         with warnings.catch_warnings():
@@ -204,9 +204,9 @@ def build_program(exported, input_names: list[str]) -> Program:
 
     graph = exported.graph
     signature = exported.graph_signature
-    kind_of_input = {}
+    kind_of_input: dict[str, tuple[str, str]] = {}
     for spec in signature.input_specs:
-        name = spec.arg.name if hasattr(spec.arg, "name") else None
+        name = str(getattr(spec.arg, "name", ""))
         if spec.kind == InputKind.USER_INPUT:
             kind_of_input[name] = ("input", name)
         elif spec.kind == InputKind.PARAMETER:
@@ -215,10 +215,10 @@ def build_program(exported, input_names: list[str]) -> Program:
             kind_of_input[name] = ("buffer", spec.target)
         else:
             kind_of_input[name] = ("constant", spec.target)
-    index_of = {}
+    index_of: dict[torch.fx.Node, int] = {}
     steps: list[Step] = []
     shape_of: dict[int, Optional[tuple]] = {}
-    inputs = []
+    inputs: list[tuple[int, str, str]] = []
     shapes: dict[str, tuple] = {}
     constants = dict(exported.constants)
 
@@ -271,7 +271,7 @@ def build_program(exported, input_names: list[str]) -> Program:
         if node.target is operator.getitem:
             floating = _is_float_tensor(val)
         else:
-            floating = _is_float_tensor(val) or (isinstance(val, (list, tuple)) and val
+            floating = _is_float_tensor(val) or (isinstance(val, (list, tuple)) and bool(val)
                                                  and all(_is_float_tensor(v) for v in val))
         # data: floating values computed from the inputs' values (pixels, or token embeddings);
         # masks and positions built from the inputs' shapes or from attention_mask are not
@@ -290,7 +290,10 @@ def build_program(exported, input_names: list[str]) -> Program:
                     step.data_inputs.append(r)
                     steps[r].consumers.append(index)
         steps.append(step)
-    outputs, constant_outputs = [], {}
+    if output_node is None:
+        raise UnsupportedModelError("the exported graph has no output")
+    outputs: list[Optional[int]] = []
+    constant_outputs: dict[int, Any] = {}
     for i, arg in enumerate(output_node.args[0]):
         if isinstance(arg, torch.fx.Node):
             outputs.append(index_of[arg])

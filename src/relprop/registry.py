@@ -353,8 +353,8 @@ register_family(Family("DeBERTa-v2", ("DebertaV2ForSequenceClassification",), "t
 # pooled state a sequence-classification head reads there (the head itself finds the last
 # non-padding token). use_cache=False: a key-value cache in the output cannot be exported.
 _DECODER: dict[str, Any] = dict(modality="text", preset="text", readout=lambda model: "last",
-                                 method_defaults=DECODER_DEFAULTS, forward_kwargs={"use_cache": False},
-                                 positions_from_mask=True)
+                                method_defaults=DECODER_DEFAULTS, forward_kwargs={"use_cache": False},
+                                positions_from_mask=True)
 
 
 def _register_decoder(name: str, causal_lm: tuple[str, ...], classifier: tuple[str, ...], example: str) -> None:

@@ -1,5 +1,5 @@
 """One tiny end-to-end run of both benchmarks through the top-level CLI with the real
-Explainer and all seven methods."""
+Explainer and the default method list, which must hold every method of relprop.methods()."""
 from __future__ import annotations
 
 import json

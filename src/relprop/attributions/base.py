@@ -18,6 +18,8 @@ class Requirements:
     relevance_lowest: Optional[int] = None     # lowest block whose attention relevance is needed
     input_relevance: bool = False
     all_rows: bool = False                      # every query row of the last block
+    gradient_rules: Optional[str] = None        # a `gradient_rules` set: relevance = embedding x modified gradient
+    biases: str = "absorb"                      # with gradient_rules: do biases keep a share
 
 
 @dataclass

@@ -36,7 +36,7 @@ from .segmentation import SegmentationConfig, run_segmentation
 log = logging.getLogger(__name__)
 
 DEFAULT_METHODS = ("transformer_attribution", "rollout", "raw_attention", "attn_gradcam",
-                   "partial_lrp", "lrp", "grad_rollout")
+                   "partial_lrp", "lrp", "grad_rollout", "attnlrp", "cp_lrp")
 
 
 def _replace(value: str) -> float | str:
@@ -61,7 +61,7 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="start over: move this benchmark's earlier results in --out into "
                              "--out/previous-<time>/ instead of resuming")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
-                        help="explanation methods (default: all seven)")
+                        help="explanation methods (default: all nine)")
     parser.add_argument("--limit", type=positive_int, metavar="N",
                         help="evaluate only the first N samples (sorted order)")
     parser.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
