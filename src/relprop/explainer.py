@@ -374,7 +374,8 @@ class Explainer:
             return None
         value = output if field == "" else (output[field] if isinstance(output, dict) else getattr(output, field))
         if self.family.scores_at == "last":
-            value = value[torch.arange(value.shape[0], device=value.device), last_real(valid, value.shape[1])]
+            rows = torch.arange(value.shape[0], device=value.device)
+            value = value[rows, last_real(valid, value.shape[1], value.device).to(value.device)]
         return value
 
     def _input_point(self, program: Program) -> int:
@@ -553,11 +554,11 @@ def _read_weights(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch
 READOUTS = ("cls", "mean", "cls+mean", "last")
 
 
-def last_real(valid: Optional[torch.Tensor], length: int) -> torch.Tensor:
+def last_real(valid: Optional[torch.Tensor], length: int, device=None) -> torch.Tensor:
     """[B] index of each sample's last real token (the last where ``valid`` is True); without a
-    mask, the last position."""
+    mask, [1]: the last position."""
     if valid is None:
-        return torch.tensor([length - 1])
+        return torch.tensor([length - 1], device=device)
     positions = torch.arange(valid.shape[1], device=valid.device)
     return torch.where(valid, positions, -1).amax(dim=1)
 
@@ -572,7 +573,7 @@ def _readout_weights(readout: str, prefix: int, last: torch.Tensor, batch: int,
         return None
     num_tokens = last.shape[-1]
     if readout == "last":
-        index = last_real(valid, num_tokens).to(last.device).expand(batch)
+        index = last_real(valid, num_tokens, last.device).to(last.device).expand(batch)
         return torch.nn.functional.one_hot(index, num_tokens).to(last.dtype)
     # the content tokens, equally; real (non-padding) ones where the last block has the input's tokens
     counted = torch.ones(batch, num_tokens, dtype=torch.bool, device=last.device)
