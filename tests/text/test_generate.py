@@ -84,6 +84,8 @@ def test_stops_at_eos_and_other_methods():
 
 
 def test_views_escape_and_show_every_token():
+    """HTML: every token a header, escaped; one grey cell per NaN; JSON: ids, null past the context;
+    terminal: a line per generated token."""
     model, tokenizer = _gpt2(), _tokenizer()
     result = explain_generation(relprop.Explainer(model), tokenizer, PROMPT, max_new_tokens=4)
     page = result.to_html()
@@ -102,6 +104,7 @@ def test_views_escape_and_show_every_token():
 
 
 def test_refuses_bad_input():
+    """max_new_tokens < 1, an empty prompt, too long for the positions, a classifier: clear errors."""
     model, tokenizer = _gpt2(), _tokenizer()
     explainer = relprop.Explainer(model)
     with pytest.raises(InputError, match="max_new_tokens"):
@@ -125,6 +128,7 @@ def lm_folder(tmp_path_factory):
 
 
 def test_cli_generate_writes_html_and_json(lm_folder, tmp_path):
+    """The real command writes generation.html/json holding the greedy tokens explained with attnlrp."""
     out = tmp_path / "out"
     result = run_relprop("explain-text", PROMPT, "--model", str(lm_folder), "--generate", "3", "--out", str(out))
     assert result.returncode == 0, result.stderr
@@ -137,7 +141,8 @@ def test_cli_generate_writes_html_and_json(lm_folder, tmp_path):
     assert str(out / "generation.html") in result.stdout
 
 
-def test_cli_generate_errors(lm_folder, bert_folder, tmp_path):
+def test_cli_generate_errors(lm_folder, bert_folder):
+    """--generate N < 1, a classifier folder, the bundled classifier, --target: one line, exit 2."""
     assert_cli_error(run_relprop("explain-text", "hi", "--model", str(lm_folder), "--generate", "0"), 2,
                      "--generate", "positive integer")
     assert_cli_error(run_relprop("explain-text", "the movie", "--model", str(bert_folder), "--generate", "2"), 2,
@@ -145,3 +150,6 @@ def test_cli_generate_errors(lm_folder, bert_folder, tmp_path):
     assert_cli_error(run_relprop("explain-text", "the movie", "--generate", "2"), 2, "--model", "causal language model")
     assert_cli_error(run_relprop("explain-text", "the", "--model", str(lm_folder), "--generate", "2",
                                  "--target", "1"), 2, "--target", "--generate")
+    # without --generate, a causal LM is not loaded as a classifier with a new, random head
+    assert_cli_error(run_relprop("explain-text", "the movie", "--model", str(lm_folder)), 2,
+                     "GPT2LMHeadModel", "causal language model", "--generate N")
