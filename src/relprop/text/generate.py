@@ -30,10 +30,16 @@ class GenerationExplanation:
         The prompt as given.
     method : str
         The explanation method.
-    prompt_ids, generated_ids : list of int
-        The prompt's token ids (special tokens the tokenizer adds included) and the generated ones.
-    prompt_tokens, generated_tokens : list of str
-        The same tokens, each decoded on its own (what the text shows).
+    prompt_ids : list of int
+        The prompt's token ids (special tokens the tokenizer adds included).
+    prompt_tokens : list of str
+        The prompt's tokens, each decoded on its own (what the views show).
+    generated_ids : list of int
+        The generated token ids, in order.
+    generated_tokens : list of str
+        The generated tokens, each decoded on its own.
+    generated_text : str
+        The generated tokens decoded together.
     matrix : numpy.ndarray
         float64 [N, P + N - 1] for N generated and P prompt tokens: row t is the relevance of
         generated token t's logit over the prompt and ``generated[:t]``; the columns past its
