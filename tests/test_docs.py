@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import relprop
+import relprop.text
 from relprop import rules
 from tests.conftest import load_script
 
@@ -110,7 +111,8 @@ PUBLIC = [relprop.Explainer, relprop.Explainer.explain, relprop.Explainer.logits
           relprop.Explainer.labels, relprop.Explanation, relprop.Explanation.as_grid,
           relprop.Explanation.upsampled, relprop.Explanation.normalized, relprop.Internals, relprop.methods,
           relprop.normalize, relprop.families, families_module.Family, families_module.family_of,
-          families_module.register_family, rules.RuleSet, rules.Preset, rules.get_rule_set]
+          families_module.register_family, rules.RuleSet, rules.Preset, rules.get_rule_set,
+          relprop.text.explain_generation, relprop.text.GenerationExplanation]
 
 
 def _name(obj) -> str:

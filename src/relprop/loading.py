@@ -24,6 +24,8 @@ _KINDS = {
                                          "relprop explain IMAGE --model {name}"),
     "AutoModelForSequenceClassification": ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "a text classifier",
                                            "relprop explain-text TEXT --model {name}"),
+    "AutoModelForCausalLM": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "a causal language model",
+                             "relprop explain-text PROMPT --model {name} --generate N"),
 }
 # Plain words, digits and punctuation: a tokenizer that maps all of them to its unknown token
 # has no real vocabulary (e.g. the empty one transformers 5 builds for a folder without one).
@@ -147,6 +149,8 @@ def _load_classifier(factory, name: str):
                                      f"explain it with `{command.format(name=name)}`")
         raise ModelLoadError(f"{name!r} has model type {model_type!r}, which is not {wanted} that transformers' "
                              f"{factory.__name__} can load (e.g. vit, deit for images; bert, roberta for text)")
+    if factory.__name__ in ("AutoModelForCausalLM", "AutoModelForSequenceClassification"):
+        _check_head(config, name, causal=factory.__name__ == "AutoModelForCausalLM")
     try:
         model = _from_pretrained(factory, name, config=config)
     except ModelLoadError:
@@ -170,6 +174,37 @@ def load_image_classifier(name: str):
     return _load_classifier(AutoModelForImageClassification, name)
 
 
+def _check_head(config, name: str, causal: bool) -> None:
+    """Refuse a folder saved with the other text head: loading a causal LM as a classifier (or a
+    BERT or a classifier as a causal LM) would give it a new, random head."""
+    saved = getattr(config, "architectures", None) or []
+    if not saved:
+        return
+    is_lm = [a.endswith(("ForCausalLM", "LMHeadModel")) for a in saved]
+    if causal and not any(is_lm):
+        raise ModelLoadError(f"{name!r} holds a {saved[0]}, not a causal language model; --generate needs one "
+                             "(e.g. GPT2LMHeadModel, LlamaForCausalLM): drop --generate to explain it as "
+                             "a text classifier")
+    if not causal and all(is_lm):
+        raise ModelLoadError(f"{name!r} holds a {saved[0]}, a causal language model, not a text classifier; "
+                             f"explain what it generates with `relprop explain-text PROMPT --model {name} "
+                             "--generate N`")
+
+
+def load_causal_lm(name: str):
+    """An ``AutoModelForCausalLM`` (eval mode) and its tokenizer, checked as in `load_text_classifier`.
+
+    Raises
+    ------
+    ModelLoadError
+        The folder or id cannot be loaded, holds another kind of model, or has no usable tokenizer.
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = _load_classifier(AutoModelForCausalLM, name)
+    return model, _load_tokenizer(name, model)
+
+
 def load_text_classifier(name: str):
     """An ``AutoModelForSequenceClassification`` (eval mode) and its tokenizer.
 
@@ -178,9 +213,15 @@ def load_text_classifier(name: str):
     digits and punctuation all to its unknown token, or when it has ids the model's embedding does
     not have.
     """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     model = _load_classifier(AutoModelForSequenceClassification, name)
+    return model, _load_tokenizer(name, model)
+
+
+def _load_tokenizer(name: str, model):
+    from transformers import AutoTokenizer
+
     try:
         tokenizer = _from_pretrained(AutoTokenizer, name)
     except ModelLoadError:
@@ -189,7 +230,7 @@ def load_text_classifier(name: str):
         raise ModelLoadError(f"no usable tokenizer for {name!r} ({_first_line(error)}); save the model's "
                              "tokenizer next to it with tokenizer.save_pretrained(FOLDER)") from None
     check_tokenizer(tokenizer, model, name)
-    return model, tokenizer
+    return tokenizer
 
 
 def check_tokenizer(tokenizer, model, name: str) -> None:

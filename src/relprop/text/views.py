@@ -38,11 +38,16 @@ def to_html(explanations, title: str = "relprop explanation") -> str:
         blocks.append(f'<div class="exp"><div class="meta">{html.escape(exp.method)} &middot; class '
                       f'<strong>{html.escape(str(exp.label))}</strong> (p={prob:.3f})</div>'
                       f'<p class="text">{"".join(pieces)}</p></div>')
+    return page("".join(blocks), title)
+
+
+def page(body: str, title: str, style: str = "") -> str:
+    """A standalone HTML page around ``body`` (already escaped) with the text views' style."""
     return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>" + html.escape(title) + "</title>"
             "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}.text{line-height:1.8;"
             "white-space:pre-wrap}.w{border-radius:3px;padding:0 1px}.meta{color:#555;font-size:90%}"
-            ".exp{border-bottom:1px solid #ddd;padding:0.5em 0}</style></head><body>"
-            + "".join(blocks) + "</body></html>\n")
+            ".exp{border-bottom:1px solid #ddd;padding:0.5em 0}" + style + "</style></head><body>"
+            + body + "</body></html>\n")
 
 
 def to_ansi(exp) -> str:
