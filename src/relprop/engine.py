@@ -54,9 +54,10 @@ def _resolve(obj, values):
 
 
 def _in_dtype(obj, dtype, model_dtype=None):
-    """The model's floating dtype where it is baked into the graph (casts, ``arange(dtype=...)``)
-    becomes the compute dtype; other floating dtypes (a float64 model's deliberate float32
-    rotary tables) stay as the model has them. ``model_dtype`` None: every floating dtype."""
+    """Floating dtypes baked into the graph (casts, ``arange(dtype=float32)``) become the compute
+    dtype (``model_dtype`` given: only that one). The engine passes none: every value of an
+    explanation is in one dtype, so a float64 explanation also computes in float64 what the model
+    itself computes in float32 (an eager softmax, Llama's RMSNorm and rotary tables)."""
     if isinstance(obj, torch.dtype):
         return dtype if obj.is_floating_point and (model_dtype is None or obj == model_dtype) else obj
     if isinstance(obj, (list, tuple)):
@@ -133,8 +134,8 @@ def forward(program: Program, inputs: dict[str, torch.Tensor], weights: dict[str
             continue
         if step.kind == "meta":
             continue
-        args = _in_dtype(_resolve(step.args, values), dtype, program.dtype)
-        kwargs = _in_dtype(_resolve(step.kwargs, values), dtype, program.dtype)
+        args = _in_dtype(_resolve(step.args, values), dtype)
+        kwargs = _in_dtype(_resolve(step.kwargs, values), dtype)
         if gradient_rules is not None:
             out = _modified(step, args, kwargs, values, steps, gradient_rules, biases)
             if step.index == leaf:
@@ -227,10 +228,10 @@ class Context:
         return self.fwd.shapes[index]
 
     def args(self):
-        return _in_dtype(_resolve(self.step.args, self.fwd.values), self.fwd.dtype, self.fwd.program.dtype)
+        return _in_dtype(_resolve(self.step.args, self.fwd.values), self.fwd.dtype)
 
     def kwargs(self):
-        return _in_dtype(_resolve(self.step.kwargs, self.fwd.values), self.fwd.dtype, self.fwd.program.dtype)
+        return _in_dtype(_resolve(self.step.kwargs, self.fwd.values), self.fwd.dtype)
 
     def arg_index(self, position: int) -> Optional[int]:
         arg = self.step.args[position] if position < len(self.step.args) else None

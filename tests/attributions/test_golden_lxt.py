@@ -42,7 +42,9 @@ def test_matches_lxt(name, mode):
     inputs = {"input_ids": golden["input_ids"], "attention_mask": golden["attention_mask"]}
     result = explainer.explain(inputs, mode)
     assert torch.equal(result.target, golden["target"])           # the default target is LXT's
-    assert torch.allclose(result.logits, golden["logits"], rtol=0, atol=1e-10)
+    # relprop computes in float64 what the model computes in float32 (Llama's and Qwen2's RMSNorm
+    # and rotary tables): logits agree to float32 rounding
+    assert (result.logits - golden["logits"]).abs().max() <= 1e-6 * golden["logits"].abs().max()
     for sample in range(len(golden["relevance"])):
         reference = golden["relevance"][sample]
         error = (result.relevance[sample] - reference).abs().max()
@@ -53,22 +55,19 @@ def test_matches_lxt(name, mode):
 
 
 def test_cp_lrp_conserves_the_logit_without_biases():
-    """CP-LRP on the bias-free Llama: the tokens' relevances sum to the explained logit. To
-    float32 rounding only: Llama's RMSNorm computes in float32 even in a float64 model (its own
-    code casts), and relprop computes the model as it is."""
+    """CP-LRP on the bias-free Llama: the tokens' relevances sum to the explained logit."""
     golden = _golden("llama_small", "cp_lrp")
     explainer = relprop.Explainer(_model("llama_small"))
     result = explainer.explain({"input_ids": golden["input_ids"], "attention_mask": golden["attention_mask"]},
                                "cp_lrp")
     logit = result.logits.gather(1, result.target[:, None]).squeeze(1)
-    assert (result.relevance.sum(1) - logit).abs().max() <= 1e-6 * logit.abs().max()
+    assert (result.relevance.sum(1) - logit).abs().max() <= 1e-10 * logit.abs().max()
 
 
 def test_redistributed_biases_conserve_on_qwen2():
     """Qwen2's query/key/value projections have biases, which absorb relevance in LXT (the
     default); ``biases="redistribute"`` hands their share back to the inputs, so CP-LRP (where
-    the value bias is the only absorber) then conserves the logit (to the float32 rounding of
-    the model's RMSNorm, as above)."""
+    the value bias is the only absorber) then conserves the logit."""
     golden = _golden("qwen2_small", "cp_lrp")
     explainer = relprop.Explainer(_model("qwen2_small"))
     inputs = {"input_ids": golden["input_ids"], "attention_mask": golden["attention_mask"]}
@@ -76,7 +75,7 @@ def test_redistributed_biases_conserve_on_qwen2():
     redistributed = explainer.explain(inputs, "cp_lrp", biases="redistribute")
     logit = absorbed.logits.gather(1, absorbed.target[:, None]).squeeze(1)
     assert (absorbed.relevance.sum(1) - logit).abs().max() > 1e-3 * logit.abs().max()
-    assert (redistributed.relevance.sum(1) - logit).abs().max() <= 1e-6 * logit.abs().max()
+    assert (redistributed.relevance.sum(1) - logit).abs().max() <= 1e-10 * logit.abs().max()
     with pytest.raises(relprop.errors.OptionError, match="biases"):
         explainer.explain(inputs, "cp_lrp", biases="keep")
 
@@ -149,5 +148,6 @@ def test_vit_matches_lxt_style_patching(mode, monkeypatch):
     result = relprop.Explainer(model).explain(pixels, mode)        # before patching: the model as it is
     oracle = _lxt_style_vit_relevance(model, pixels, result.target, mode, monkeypatch)
     assert result.relevance.shape == (2, 16)
-    assert torch.allclose(result.relevance, oracle, rtol=1e-9, atol=1e-12 * oracle.abs().max())
+    # the eager ViT computes its softmax in float32 even in float64; relprop computes all in float64
+    assert (result.relevance - oracle).abs().max() <= 1e-6 * oracle.abs().max()
 
