@@ -129,3 +129,29 @@ def test_callable_target_of_the_wrong_shape_is_refused():
     explainer = relprop.Explainer(case.build(None))
     with pytest.raises(relprop.InputError, match=r"one score per sample.*\[2\].*\(2, 5\)"):
         explainer.explain(case.inputs(2), "rollout", target=lambda out: out.logits)
+
+
+@pytest.mark.parametrize("name", ["vit", "llama_lm"])
+def test_paper_method_streams_the_attention_relevance(name, monkeypatch):
+    """transformer_attribution reduces each block's ∇A ⊙ R_A as the propagation reaches it: no
+    block's R_A is kept (the long-context memory bound), and the map equals the one computed
+    from every block's full R_A (keep_internals) in float64."""
+    from relprop import engine
+
+    kept = []
+    propagate = engine.propagate
+
+    def recording(*args, **kwargs):
+        result = propagate(*args, **kwargs)
+        kept.append(len(result.attention))
+        return result
+
+    monkeypatch.setattr(engine, "propagate", recording)
+    case = CASES[name]
+    model = case.build(None).double()
+    inputs = case.inputs(2)
+    explainer = relprop.Explainer(model)
+    streamed = explainer.explain(inputs, "transformer_attribution", target=case.target)
+    full = explainer.explain(inputs, "transformer_attribution", target=case.target, keep_internals=True)
+    assert kept[0] == 0 and kept[1] == len(full.internals.attention_relevance) > 0
+    assert torch.allclose(streamed.relevance, full.relevance, rtol=1e-12, atol=1e-15)

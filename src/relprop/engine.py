@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -205,6 +205,15 @@ def _free(step: Step, values: list, keep: frozenset, steps: list[Step]) -> None:
 class Relevance:
     attention: dict[int, torch.Tensor] = field(default_factory=dict)   # site -> R_A [B, H, N, N]
     at: dict[int, torch.Tensor] = field(default_factory=dict)          # step -> relevance of its value
+    # site, R_A -> None: consumes each block's R_A as the propagation reaches it (a method that
+    # reduces it at once); then no block's R_A is kept
+    on_attention: Optional[Callable[[int, torch.Tensor], None]] = None
+
+    def record(self, site: int, relevance: torch.Tensor) -> None:
+        if self.on_attention is not None:
+            self.on_attention(site, relevance)
+        else:
+            self.attention[site] = relevance
 
 
 class Context:
@@ -239,17 +248,19 @@ class Context:
 
 
 def propagate(fwd: Pass, start: dict[int, torch.Tensor], rules, preset, *, lowest_site: Optional[int],
-              collect: frozenset = frozenset()) -> Relevance:
+              collect: frozenset = frozenset(),
+              on_attention: Optional[Callable[[int, torch.Tensor], None]] = None) -> Relevance:
     """LRP from ``start`` (output step -> relevance) backwards through the graph.
 
     Stops after the attention site ``lowest_site`` (None: go on to the inputs); the relevance
-    of every step in ``collect`` is returned in ``Relevance.at``.
+    of every step in ``collect`` is returned in ``Relevance.at``. ``on_attention(site, R_A)``:
+    each attention's relevance is handed over as it is reached instead of kept.
     """
     steps = fwd.program.steps
     pending: dict[int, list] = {}
     for index, rel in start.items():
         pending.setdefault(index, []).append((None, rel))
-    result = Relevance()
+    result = Relevance(on_attention=on_attention)
     lowest_step = None if lowest_site is None else fwd.program.attention_sites[lowest_site]
     for index in range(len(steps) - 1, -1, -1):
         contributions = pending.pop(index, None)

@@ -12,7 +12,7 @@ from .errors import InputError, OptionError, UnsupportedModelError, did_you_mean
 from .registry import Family, family_of, labels_of
 from .graph import Program, tracer_for
 from .inputs import DYNAMIC, Prepared, prepare
-from .attributions import Trace, get_method
+from .attributions import Method, Trace, get_method
 from .attributions.base import resolve_options
 from .result import Explanation, Internals
 from .rules import PRESETS, get_rule_set
@@ -242,15 +242,30 @@ class Explainer:
             fwd.release_graph()
             output = _unflatten(program, fwd.outputs)
         with torch.inference_mode(False), torch.no_grad():
+            layout = self._layout(fwd, sites, prepared)
             relevance = engine.Relevance()
+            reduced: dict[int, torch.Tensor] = {}
+            block_of = {site: block for block, site in enumerate(sites)}
+
+            def reduce_block(site: int, rel: torch.Tensor) -> None:
+                """Stream: reduce a block's ∇A and R_A as soon as R_A exists; keep neither."""
+                block = block_of.get(site)
+                if block is None or block not in grads:
+                    return
+                grad = grads.pop(block)
+                if layout is not None:
+                    grad, rel = layout.globalize(block, grad, prepared.batch), layout.globalize(block, rel, prepared.batch)
+                reduced[block] = chosen.reduce_block(grad, rel, **options)
+
+            streams = not keep_internals and type(chosen).reduce_block is not Method.reduce_block
             if rules is not None:
                 start = _start_relevance(program, fwd.outputs, score_of)
                 lowest = None if needs.input_relevance else sites[needs.relevance_lowest]
                 relevance = engine.propagate(fwd, start, rules, preset, lowest_site=lowest,
-                                             collect=frozenset() if input_point is None else frozenset({input_point}))
+                                             collect=frozenset() if input_point is None else frozenset({input_point}),
+                                             on_attention=reduce_block if streams else None)
             attention = [fwd.attention[s].detach() for s in sites]
             attention_relevance = {b: relevance.attention[s] for b, s in enumerate(sites) if s in relevance.attention}
-            layout = self._layout(fwd, sites, prepared)
             if layout is not None:          # window attention -> one matrix over each block's tokens
                 attention = [layout.globalize(b, a, prepared.batch) for b, a in enumerate(attention)]
                 grads = {b: layout.globalize(b, g, prepared.batch) for b, g in grads.items()}
@@ -266,7 +281,7 @@ class Explainer:
                           rows=[None] * num_blocks, valid=valid, content=content, token=0,
                           readout=_readout_weights(self.family.readout(self.model), prefix, attention[-1], prepared.batch,
                                                    prepared.valid),
-                          parents=None if layout is None else layout.parents)
+                          parents=None if layout is None else layout.parents, reduced=reduced)
             if input_point is not None:
                 trace.input_relevance = self._input_relevance(relevance.at[input_point])
             scores = chosen(trace, **options)

@@ -303,7 +303,7 @@ def attention(ctx, relevance):
     from .engine import repeat_heads
     k_full, v_full = repeat_heads(k, groups), repeat_heads(v, groups)
     rel_probabilities, rel_v = matmul_rule(probabilities, v_full, relevance)
-    ctx.relevance.attention[site] = rel_probabilities
+    ctx.relevance.record(site, rel_probabilities)
     rel = {}
     if groups > 1:
         rel_v = rel_v.unflatten(-3, (k.shape[-3], groups)).sum(dim=-3)
@@ -337,7 +337,7 @@ def softmax(ctx, relevance):
     """Softmax: unchanged (the authors' rule); on attention probabilities, R_A is recorded."""
     site = ctx.fwd.site_of_step.get(ctx.step.index)
     if site is not None:
-        ctx.relevance.attention[site] = relevance
+        ctx.relevance.record(site, relevance)
         if ctx.stop:
             return [None]
     return identity(ctx, relevance)

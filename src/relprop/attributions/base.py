@@ -47,6 +47,7 @@ class Trace:
     input_relevance: Optional[torch.Tensor] = None
     readout: Optional[torch.Tensor] = None            # [B, N_last] weights of the pooled row (None: `token`)
     parents: Optional[list[Optional[torch.Tensor]]] = None   # per block < last (see above)
+    reduced: dict[int, torch.Tensor] = field(default_factory=dict)   # block -> `Method.reduce_block` result
 
     @property
     def num_blocks(self) -> int:
@@ -113,6 +114,12 @@ class Method:
 
     def requirements(self, num_blocks: int, **options) -> Requirements:
         raise NotImplementedError
+
+    def reduce_block(self, grad: torch.Tensor, relevance: torch.Tensor, **options) -> Optional[torch.Tensor]:
+        """A block's ∇A and R_A [B, H, N, N], reduced as soon as the relevance propagation
+        reaches the block (``Trace.reduced[block]``), so that no block's R_A is kept; None (the
+        default): the method reads the full tensors from the Trace."""
+        return None
 
     def __call__(self, trace: Trace, **options) -> torch.Tensor:
         """[B, N] scores for every token (the caller selects content tokens)."""

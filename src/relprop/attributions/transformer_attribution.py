@@ -22,8 +22,14 @@ class TransformerAttribution(Method):
         start = block_index(start_layer, trace.num_blocks, "start_layer")
 
         def mixing(block, token):
+            if block in trace.reduced:            # streamed: Ā already head-averaged
+                matrix = trace.reduced[block]
+                return matrix if token is None else trace.row(matrix, block, token)
             product = (trace.attention_grad[block] * trace.attention_relevance[block]).clamp(min=0)
             product = product if token is None else trace.row(product, block, token)
             return head_mean(product)
 
         return rollout_row(trace, mixing, start, row_normalize)
+
+    def reduce_block(self, grad, relevance, **options):
+        return head_mean((grad * relevance).clamp(min=0))
