@@ -338,6 +338,8 @@ def _collapse_activations(steps: list[Step], shape_of: dict, outputs: set[int]) 
             users[r].add(step.index)
         if step.target not in _ELEMENTWISE or not step.data or not data_refs:
             continue
+        if step.target in (aten.add.Tensor, aten.sub.Tensor) and any(not steps[r].data for r in refs):
+            continue      # adding a tensor (a mask, a bias) ends an activation: Gemma 2's soft-capped scores + mask
         origins = {source.get(r, r) for r in data_refs}
         if len(origins) == 1:
             source[step.index] = origins.pop()

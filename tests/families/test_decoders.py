@@ -122,3 +122,7 @@ def test_rotary_positions_are_not_data_and_gqa_attention_is_per_query_head():
     gemma, _ = relprop.Explainer(CASES["gemma2_lm"].build(None)).program(inputs)
     tanh = [s for s in gemma.steps if s.target is torch.ops.aten.tanh.default]
     assert len(tanh) == 3 and all(s.kind == "activation" and s.data for s in tanh)     # 2 blocks + logits
+    # the mask added to the soft-capped scores is not part of the activation (its share would blow up
+    # the activation's output/input ratio): it is the mask before each eager softmax
+    masks = [s for s in gemma.steps if s.kind == "mask"]
+    assert len(masks) == 2 and all(s.target is torch.ops.aten.add.Tensor for s in masks)
