@@ -38,11 +38,13 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = REPO / "src" / "relprop" / "assets" / "fmnist_vit"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "vision_fashion"
 METHODS = ("transformer_attribution", "rollout", "raw_attention", "attn_gradcam", "partial_lrp", "lrp",
-           "grad_rollout")
+           "grad_rollout", "attnlrp", "cp_lrp")
 PAPER_NAMES = {  # the rows of the paper's tables
     "transformer_attribution": "Ours (transformer attribution)", "rollout": "rollout",
     "raw_attention": "raw attention", "attn_gradcam": "GradCAM (attention)", "partial_lrp": "partial LRP",
     "lrp": "LRP", "grad_rollout": "grad rollout (not in the paper: Chefer et al., ICCV 2021)",
+    "attnlrp": "AttnLRP (not in the paper: Achtibat et al., ICML 2024)",
+    "cp_lrp": "CP-LRP (not in the paper: Ali et al., ICML 2022)",
 }
 
 # The paper's ImageNet numbers (ViT-B; segmentation on ImageNet-segmentation, perturbation AUC on

@@ -201,7 +201,7 @@ def test_two_evals_into_one_folder_one_refused_no_record_twice(setup, tmp_path):
     assert done.returncode == 0, done.stderr
     assert_cli_error(refused, 1, f"relprop: error: another relprop eval is using {out} (pid {holder}); wait for it "
                                  "or use another --out")
-    assert len(keys(out)) == len(set(keys(out))) == 14 * len(DEFAULT_METHODS) * 2     # samples x methods x modes
+    assert len(keys(out)) == len(set(keys(out))) == 14 * len(DEFAULT_METHODS) * 2
     summary = json.loads((out / "perturbation_summary.json").read_text())
     assert all(r[mode]["n"] == 14 for r in summary["results"].values() for mode in ("positive", "negative"))
 
@@ -211,14 +211,14 @@ def test_ctrl_c_is_one_line_and_the_rerun_resumes_losing_nothing(setup, tmp_path
     out = tmp_path / "out"
     args = command(model, images, out, "--batch-size", "1", "--limit", "14")
     worker, outcome = start_in_background(args)
-    os.kill(wait_for_records(out, [worker], 7 * 2 + 1), signal.SIGINT)  # a first image done, a second begun
+    os.kill(wait_for_records(out, [worker], len(DEFAULT_METHODS) * 2 + 1), signal.SIGINT)  # a first image done, a second begun
     worker.join(120)
     stderr = assert_cli_error(outcome["result"], 130, "relprop: error: interrupted; rerun the same command to "
                                                       f"resume (finished results are kept in {out})")
     assert len([line for line in stderr.splitlines() if "error:" in line]) == 1
     kept = (out / "perturbation.jsonl").read_text()
     ids = [r["id"] for r in records(out)]
-    done = {i for i in ids if ids.count(i) == 7 * 2}
+    done = {i for i in ids if ids.count(i) == len(DEFAULT_METHODS) * 2}
     assert done and not (out / "perturbation_summary.json").exists()
 
     rerun = run_relprop(*args)
