@@ -134,19 +134,26 @@ def test_callable_target_of_the_wrong_shape_is_refused():
 @pytest.mark.parametrize("name", ["vit", "llama_lm"])
 def test_paper_method_streams_the_attention_relevance(name, monkeypatch):
     """transformer_attribution reduces each block's ∇A ⊙ R_A as the propagation reaches it: no
-    block's R_A is kept (the long-context memory bound), and the map equals the one computed
-    from every block's full R_A (keep_internals) in float64."""
+    block's R_A is kept, and on SDPA models the forward keeps no block's A either (recomputed
+    block by block; ∇A from the SDPA output's gradient) — the long-context memory bound. The map
+    equals the one computed from every block's full A, ∇A, R_A (keep_internals) in float64."""
     from relprop import engine
 
-    kept = []
-    propagate = engine.propagate
+    kept, probabilities = [], []
+    propagate, forward = engine.propagate, engine.forward
 
     def recording(*args, **kwargs):
         result = propagate(*args, **kwargs)
         kept.append(len(result.attention))
         return result
 
+    def forward_recording(*args, **kwargs):
+        result = forward(*args, **kwargs)
+        probabilities.append(sum(a is not None for a in result.attention))
+        return result
+
     monkeypatch.setattr(engine, "propagate", recording)
+    monkeypatch.setattr(engine, "forward", forward_recording)
     case = CASES[name]
     model = case.build(None).double()
     inputs = case.inputs(2)
@@ -154,4 +161,5 @@ def test_paper_method_streams_the_attention_relevance(name, monkeypatch):
     streamed = explainer.explain(inputs, "transformer_attribution", target=case.target)
     full = explainer.explain(inputs, "transformer_attribution", target=case.target, keep_internals=True)
     assert kept[0] == 0 and kept[1] == len(full.internals.attention_relevance) > 0
+    assert probabilities[0] == 0 and probabilities[1] == len(full.internals.attention)
     assert torch.allclose(streamed.relevance, full.relevance, rtol=1e-12, atol=1e-15)

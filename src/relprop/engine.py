@@ -28,10 +28,13 @@ class Pass:
     values: list                                  # per step (None once freed)
     shapes: list                                  # per step: the output's shape (tensors)
     outputs: list                                 # flat model outputs
-    attention: list[torch.Tensor]                 # per attention site: A [B, H, N, N]
+    attention: list[Optional[torch.Tensor]]       # per attention site: A [B, H, N, N] (None: fused)
     bias: dict[int, torch.Tensor] = field(default_factory=dict)   # site step -> additive mask of its scores
     site_of_step: dict[int, int] = field(default_factory=dict)
     dtype: torch.dtype = torch.float32
+    # fused attention (`forward(..., fused_attention=True)`): A is not kept (None in `attention`),
+    # the SDPA outputs are, for the gradients ∇A = ∇O · Vᵀ
+    attention_out: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
     def release_graph(self) -> None:
@@ -39,7 +42,8 @@ class Pass:
         history would keep the whole backward graph (and its saved tensors) alive during the
         relevance propagation."""
         self.values = [v.detach() if isinstance(v, torch.Tensor) and v.requires_grad else v for v in self.values]
-        self.attention = [a.detach() for a in self.attention]
+        self.attention = [a.detach() if a is not None else None for a in self.attention]
+        self.attention_out = {site: o.detach() for site, o in self.attention_out.items()}
         self.outputs = [o.detach() if isinstance(o, torch.Tensor) else o for o in self.outputs]
 
 
@@ -104,7 +108,8 @@ def _attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale
 
 def forward(program: Program, inputs: dict[str, torch.Tensor], weights: dict[str, torch.Tensor],
             dtype: torch.dtype, *, keep: frozenset = frozenset(), grad_site: Optional[int] = None,
-            gradient_rules=None, biases: str = "absorb", leaf: Optional[int] = None) -> Pass:
+            gradient_rules=None, biases: str = "absorb", leaf: Optional[int] = None,
+            fused_attention: bool = False) -> Pass:
     """Evaluate the graph. ``keep``: steps whose values the relevance rules read later.
     ``grad_site``: position of the lowest attention site whose gradient is needed (autograd
     tracks the computation from its probabilities on).
@@ -112,7 +117,12 @@ def forward(program: Program, inputs: dict[str, torch.Tensor], weights: dict[str
     ``gradient_rules`` (a `gradient_rules.GradientRuleSet`): LRP as a modified gradient. Every
     data operation runs through the rule set's wrapper for its kind, statistics are held
     constant, attention stays the model's fused SDPA, and autograd tracks the computation from
-    step ``leaf`` (the input point) on; the gradient there times its value is the relevance."""
+    step ``leaf`` (the input point) on; the gradient there times its value is the relevance.
+
+    ``fused_attention``: SDPA runs fused and its probabilities are not kept (the relevance rule
+    recomputes a block's A when it reaches it; ∇A follows from the output's gradient), so no
+    [B, H, N, N] tensor of any block outlives the forward; autograd then tracks from the SDPA
+    output of ``grad_site`` on."""
     steps = program.steps
     values: list[Any] = [None] * len(steps)
     shapes: list[Any] = [None] * len(steps)
@@ -123,7 +133,8 @@ def forward(program: Program, inputs: dict[str, torch.Tensor], weights: dict[str
             values[index] = program.constants[name]
         else:
             values[index] = weights[name]
-    attention: list[torch.Tensor] = []
+    attention: list[Optional[torch.Tensor]] = []
+    attention_out: dict[int, torch.Tensor] = {}
     bias: dict[int, Any] = {}
     site_of_step: dict[int, int] = {}
     sites = {step: i for i, step in enumerate(program.attention_sites)}
@@ -144,7 +155,14 @@ def forward(program: Program, inputs: dict[str, torch.Tensor], weights: dict[str
             shapes[step.index] = _shape(out)
             _free(step, values, keep, steps)
             continue
-        if step.kind == "attention":
+        if step.kind == "attention" and fused_attention:
+            sdpa_args = [0.0 if position == 4 else a for position, a in enumerate(args)]     # no dropout
+            out = step.target(*sdpa_args, **({**kwargs, "dropout_p": 0.0} if len(args) <= 4 else kwargs))
+            if step.index == grad_step:
+                out = out.detach().requires_grad_(True)
+            probabilities = None
+            attention_out[len(attention)] = out
+        elif step.kind == "attention":
             out, probabilities, site_bias = _attention(*args, **kwargs, grad_leaf=step.index == grad_step)
             if site_bias is not None:
                 bias[step.index] = site_bias
@@ -161,7 +179,7 @@ def forward(program: Program, inputs: dict[str, torch.Tensor], weights: dict[str
         _free(step, values, keep, steps)
     outputs = [values[i] if i is not None else program.constant_outputs.get(n)
                for n, i in enumerate(program.outputs)]
-    return Pass(program, values, shapes, outputs, attention, bias, site_of_step, dtype)
+    return Pass(program, values, shapes, outputs, attention, bias, site_of_step, dtype, attention_out)
 
 
 def _modified(step: Step, args, kwargs, values: list, steps: list[Step], gradient_rules, biases: str):

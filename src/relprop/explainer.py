@@ -224,19 +224,25 @@ class Explainer:
         rules = None if needs.relevance_rules is None else get_rule_set(needs.relevance_rules)
         preset = PRESETS[self.family.preset]
         input_point = self._input_point(program) if needs.input_relevance else None
+        streams = not keep_internals and type(chosen).reduce_block is not Method.reduce_block
+        # a streaming method on SDPA attention: the forward keeps no block's A (recomputed by the
+        # relevance rule when it reaches the block; ∇A = ∇O · Vᵀ from the SDPA output's gradient)
+        fused = (streams and rules is not None and self.family.token_grids is None
+                 and all(program.steps[program.attention_sites[s]].kind == "attention" for s in sites))
         with torch.inference_mode(False), torch.enable_grad():
             grad_site = sites[min(needs.gradient_blocks)] if needs.gradient_blocks else None
             keep = _kept_values(program, rules) if rules is not None else frozenset()
             with torch.set_grad_enabled(grad_site is not None):
                 fwd = engine.forward(program, prepared.kwargs, self.weights, self.dtype, keep=keep,
-                                     grad_site=grad_site)
+                                     grad_site=grad_site, fused_attention=fused)
             output = _unflatten(program, fwd.outputs)
             score_of, target_index = self._score_function(target, output, prepared.batch, prepared.valid)
             grads = {}
             if needs.gradient_blocks:
                 blocks = sorted(needs.gradient_blocks)
                 scores = score_of(output)
-                found = torch.autograd.grad(scores.sum(), [fwd.attention[sites[b]] for b in blocks])
+                wrt = [fwd.attention_out[sites[b]] if fused else fwd.attention[sites[b]] for b in blocks]
+                found = torch.autograd.grad(scores.sum(), wrt)
                 grads = dict(zip(blocks, found))
                 del scores
             fwd.release_graph()
@@ -253,18 +259,19 @@ class Explainer:
                 if block is None or block not in grads:
                     return
                 grad = grads.pop(block)
+                if fused:
+                    grad = _attention_grad(fwd, site, grad)
                 if layout is not None:
                     grad, rel = layout.globalize(block, grad, prepared.batch), layout.globalize(block, rel, prepared.batch)
                 reduced[block] = chosen.reduce_block(grad, rel, **options)
 
-            streams = not keep_internals and type(chosen).reduce_block is not Method.reduce_block
             if rules is not None:
                 start = _start_relevance(program, fwd.outputs, score_of)
                 lowest = None if needs.input_relevance else sites[needs.relevance_lowest]
                 relevance = engine.propagate(fwd, start, rules, preset, lowest_site=lowest,
                                              collect=frozenset() if input_point is None else frozenset({input_point}),
                                              on_attention=reduce_block if streams else None)
-            attention = [fwd.attention[s].detach() for s in sites]
+            attention = [fwd.attention[s] for s in sites]
             attention_relevance = {b: relevance.attention[s] for b, s in enumerate(sites) if s in relevance.attention}
             if layout is not None:          # window attention -> one matrix over each block's tokens
                 attention = [layout.globalize(b, a, prepared.batch) for b, a in enumerate(attention)]
@@ -272,14 +279,15 @@ class Explainer:
                 attention_relevance = {b: layout.globalize(b, r, prepared.batch)
                                        for b, r in attention_relevance.items()}
             valid = prepared.valid
-            num_tokens = attention[0].shape[-1]
+            num_tokens = _keys(fwd, sites[0])
             if valid is None:
                 valid = torch.ones(prepared.batch, num_tokens, dtype=torch.bool, device=self.device)
             prefix = self.family.prefix_tokens(self.model) if self.family.modality == "image" else 0
             content = torch.arange(prefix, num_tokens, device=self.device)
             trace = Trace(attention=attention, attention_grad=grads, attention_relevance=attention_relevance,
                           rows=[None] * num_blocks, valid=valid, content=content, token=0,
-                          readout=_readout_weights(self.family.readout(self.model), prefix, attention[-1], prepared.batch,
+                          readout=_readout_weights(self.family.readout(self.model), prefix, _keys(fwd, sites[-1]),
+                                                   fwd.attention_out[sites[-1]] if fused else attention[-1], prepared.batch,
                                                    prepared.valid),
                           parents=None if layout is None else layout.parents, reduced=reduced)
             if input_point is not None:
@@ -578,7 +586,24 @@ def last_real(valid: Optional[torch.Tensor], length: int, device=None) -> torch.
     return torch.where(valid, positions, -1).amax(dim=1)
 
 
-def _readout_weights(readout: str, prefix: int, last: torch.Tensor, batch: int,
+def _keys(fwd: engine.Pass, site: int) -> int:
+    """How many tokens an attention site attends over (its key count)."""
+    probabilities = fwd.attention[site]
+    if probabilities is not None:
+        return probabilities.shape[-1]
+    step = fwd.program.steps[fwd.program.attention_sites[site]]
+    return fwd.shapes[step.args[1].index][-2]
+
+
+def _attention_grad(fwd: engine.Pass, site: int, out_grad: torch.Tensor) -> torch.Tensor:
+    """∇A of a fused SDPA site from its output's gradient: O = A·V, so ∇A = ∇O · Vᵀ."""
+    step = fwd.program.steps[fwd.program.attention_sites[site]]
+    q, k, v = (fwd.values[a.index] for a in step.args[:3])
+    groups = q.shape[-3] // k.shape[-3] if step.kwargs.get("enable_gqa") else 1
+    return out_grad @ engine.repeat_heads(v, groups).transpose(-1, -2)
+
+
+def _readout_weights(readout: str, prefix: int, num_tokens: int, like: torch.Tensor, batch: int,
                      valid: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
     """[B, N_last] weights of the last block's rows that make the pooled row (`registry.Family.readout`;
     prefix tokens other than [CLS] never take part); None for the [CLS] row alone."""
@@ -586,7 +611,7 @@ def _readout_weights(readout: str, prefix: int, last: torch.Tensor, batch: int,
         raise ValueError(f"unknown readout {readout!r}; one of {READOUTS}")
     if readout == "cls":
         return None
-    num_tokens = last.shape[-1]
+    last = like                     # the weights' dtype and device
     if readout == "last":
         index = last_real(valid, num_tokens, last.device).to(last.device).expand(batch)
         return torch.nn.functional.one_hot(index, num_tokens).to(last.dtype)

@@ -297,10 +297,13 @@ def attention(ctx, relevance):
     args = ctx.args()
     kwargs = ctx.kwargs()
     q, k, v = args[:3]
+    from .engine import _attention, repeat_heads
     site = ctx.fwd.site_of_step[ctx.step.index]
-    probabilities = ctx.fwd.attention[site].detach()
+    probabilities, bias = ctx.fwd.attention[site], ctx.fwd.bias.get(ctx.step.index)
+    if probabilities is None:           # a fused forward kept no A: recompute this block's
+        _, probabilities, bias = _attention(*args, **kwargs)
+    probabilities = probabilities.detach()
     groups = q.shape[-3] // k.shape[-3] if kwargs.get("enable_gqa") else 1
-    from .engine import repeat_heads
     k_full, v_full = repeat_heads(k, groups), repeat_heads(v, groups)
     rel_probabilities, rel_v = matmul_rule(probabilities, v_full, relevance)
     ctx.relevance.record(site, rel_probabilities)
@@ -310,7 +313,6 @@ def attention(ctx, relevance):
     rel[ctx.arg_index(2)] = rel_v
     if not ctx.stop:
         rel_scores = rel_probabilities
-        bias = ctx.fwd.bias.get(ctx.step.index)
         if bias is not None and ctx.preset.attention_mask == "add":
             scale = kwargs.get("scale") or q.shape[-1] ** -0.5
             scores = (q @ k_full.transpose(-1, -2)) * scale

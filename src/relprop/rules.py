@@ -135,8 +135,11 @@ def matmul_rule(left: torch.Tensor, right: torch.Tensor, relevance: torch.Tensor
 
     Each factor alone would receive the full relevance, so the two are halved to share it.
     """
-    scale = safe_divide(relevance, left @ right)
-    return left * (scale @ right.transpose(-1, -2)) / 2, right * (left.transpose(-1, -2) @ scale) / 2
+    scale = _safe_divide_into(relevance, left @ right)
+    # in place on the fresh products (the same operations): attention-sized temporaries are few
+    left_share = (scale @ right.transpose(-1, -2)).mul_(left).div_(2)
+    right_share = (left.transpose(-1, -2) @ scale).mul_(right).div_(2)
+    return left_share, right_share
 
 
 def bounded_input_rule(x_patches: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor,

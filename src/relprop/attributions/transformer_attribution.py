@@ -32,4 +32,4 @@ class TransformerAttribution(Method):
         return rollout_row(trace, mixing, start, row_normalize)
 
     def reduce_block(self, grad, relevance, **options):
-        return head_mean((grad * relevance).clamp(min=0))
+        return head_mean(grad.mul_(relevance).clamp_(min=0))       # grad: the caller's own, used once
