@@ -279,16 +279,20 @@ class Explainer:
                 attention_relevance = {b: layout.globalize(b, r, prepared.batch)
                                        for b, r in attention_relevance.items()}
             valid = prepared.valid
-            num_tokens = _keys(fwd, sites[0])
+            if fused:
+                num_tokens, last_tokens, like = _keys(fwd, sites[0]), _keys(fwd, sites[-1]), fwd.attention_out[sites[-1]]
+            else:
+                first, last = attention[0], attention[-1]
+                assert first is not None and last is not None        # kept by an unfused forward
+                num_tokens, last_tokens, like = first.shape[-1], last.shape[-1], last
             if valid is None:
                 valid = torch.ones(prepared.batch, num_tokens, dtype=torch.bool, device=self.device)
             prefix = self.family.prefix_tokens(self.model) if self.family.modality == "image" else 0
             content = torch.arange(prefix, num_tokens, device=self.device)
             trace = Trace(attention=attention, attention_grad=grads, attention_relevance=attention_relevance,
                           rows=[None] * num_blocks, valid=valid, content=content, token=0,
-                          readout=_readout_weights(self.family.readout(self.model), prefix, _keys(fwd, sites[-1]),
-                                                   fwd.attention_out[sites[-1]] if fused else attention[-1], prepared.batch,
-                                                   prepared.valid),
+                          readout=_readout_weights(self.family.readout(self.model), prefix, last_tokens, like,
+                                                   prepared.batch, prepared.valid),
                           parents=None if layout is None else layout.parents, reduced=reduced)
             if input_point is not None:
                 trace.input_relevance = self._input_relevance(relevance.at[input_point])
@@ -587,10 +591,7 @@ def last_real(valid: Optional[torch.Tensor], length: int, device=None) -> torch.
 
 
 def _keys(fwd: engine.Pass, site: int) -> int:
-    """How many tokens an attention site attends over (its key count)."""
-    probabilities = fwd.attention[site]
-    if probabilities is not None:
-        return probabilities.shape[-1]
+    """How many tokens a fused SDPA site attends over (its key count)."""
     step = fwd.program.steps[fwd.program.attention_sites[site]]
     return fwd.shapes[step.args[1].index][-2]
 

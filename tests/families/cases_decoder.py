@@ -3,6 +3,7 @@ heads (registered into `cases.CASES`). Tiny configs with grouped-query attention
 key-value heads); every batch is also checked left-padded."""
 from __future__ import annotations
 
+import torch
 import transformers as tf
 
 from tests.families.cases import Case, hf_builder, register, text_inputs
@@ -38,14 +39,21 @@ def _config(extra: dict) -> dict:
 # element-wise ops (one activation step of the graph)
 GPT2_CONFIG = dict(n_embd=32, n_layer=2, n_head=4, n_inner=64, vocab_size=VOCAB, n_positions=64, num_labels=3,
                    pad_token_id=0, bos_token_id=1, eos_token_id=1)
+# SDPA and eager copies compared in float64: on SDPA models the paper's method runs the fused
+# kernel (its forward keeps no attention matrix, `explainer`), whose float32 rounding differs from
+# the eager softmax's, and LRP amplifies float32 rounding (README, Correctness)
+SDPA_EAGER = torch.float64
 register(Case("gpt2_lm", "text", hf_builder(tf.GPT2Config, tf.GPT2LMHeadModel, **GPT2_CONFIG), text_inputs(first=2),
-              left_inputs=text_inputs(first=2, side="left"), classes=VOCAB, scores_at_last=True))
+              left_inputs=text_inputs(first=2, side="left"), classes=VOCAB, scores_at_last=True,
+              sdpa_eager_dtype=SDPA_EAGER))
 register(Case("gpt2_classifier", "text", hf_builder(tf.GPT2Config, tf.GPT2ForSequenceClassification, **GPT2_CONFIG),
-              text_inputs(first=2), left_inputs=text_inputs(first=2, side="left")))
+              text_inputs(first=2), left_inputs=text_inputs(first=2, side="left"), sdpa_eager_dtype=SDPA_EAGER))
 
 for _name, _config_cls, _lm, _classifier, _extra, _sdpa in DECODERS:
     register(Case(f"{_name}_lm", "text", hf_builder(_config_cls, _lm, **_config(_extra)), text_inputs(first=2),
-                  left_inputs=text_inputs(first=2, side="left"), classes=VOCAB, scores_at_last=True, sdpa=_sdpa))
+                  left_inputs=text_inputs(first=2, side="left"), classes=VOCAB, scores_at_last=True, sdpa=_sdpa,
+                  sdpa_eager_dtype=SDPA_EAGER))
     if _classifier is not None:
         register(Case(f"{_name}_classifier", "text", hf_builder(_config_cls, _classifier, **_config(_extra)),
-                      text_inputs(first=2), left_inputs=text_inputs(first=2, side="left"), sdpa=_sdpa))
+                      text_inputs(first=2), left_inputs=text_inputs(first=2, side="left"), sdpa=_sdpa,
+                      sdpa_eager_dtype=SDPA_EAGER))
