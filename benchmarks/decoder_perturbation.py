@@ -43,6 +43,10 @@ from relprop.text.rationales import default_data_dir
 OUT = Path(__file__).parent / "results" / "decoder_perturbation"
 FRACTIONS = np.round(np.linspace(0.0, 1.0, 11), 10)
 RANDOM = "random"
+# A second baseline with no model in it: the latest token first. A next-token logit leans on the
+# last few tokens, so this says how much of an area recency alone earns.
+RECENCY = "recency"
+BASELINES = (RANDOM, RECENCY)
 MIN_TOKENS = 12
 HELD_OUT_REVIEWS = range(900, 1000)
 
@@ -148,8 +152,9 @@ def explain_prompts(explainer, prompts: list[dict], targets: list[int], methods:
 
 
 def run(model, tokenizer, prompts: list[dict], methods: Sequence[str], replacement_id: int, seed: int,
-        batch_size: int, log=print) -> dict:
-    """Explain every prompt with every method, perturb, and return per-prompt areas and mean curves."""
+        batch_size: int, keep_last: bool = False, log=print) -> dict:
+    """Explain every prompt with every method, perturb, and return per-prompt areas and mean curves.
+    ``keep_last``: the prompt's last token is never removed (only the tokens before it are ranked)."""
     explainer = relprop.Explainer(model)
     rng = np.random.default_rng(seed + 1)
     targets = []
@@ -160,16 +165,19 @@ def run(model, tokenizer, prompts: list[dict], methods: Sequence[str], replaceme
     relevance = explain_prompts(explainer, prompts, targets, methods, tokenizer.pad_token_id, batch_size)
     explain_seconds = time.time() - started
     log(f"explained {len(prompts)} prompts with {len(methods)} methods in {explain_seconds:.0f} s")
-    names = [*methods, RANDOM]
+    names = [*methods, *BASELINES]
     areas = {name: {"logit": [], "probability": []} for name in names}
     sums = {name: np.zeros((2, len(FRACTIONS), 2)) for name in names}
     first_token = 1 if tokenizer.bos_token_id is not None else 0
     for i, (prompt, target) in enumerate(zip(prompts, targets)):
         ids = torch.tensor(prompt["ids"])
         removable = np.arange(len(ids)) >= first_token
+        if keep_last:
+            removable[-1] = False
         tie_key = rng.permutation(len(ids))
         orders = {m: removal_order(relevance[m][i], removable, tie_key) for m in methods}
         orders[RANDOM] = removal_order(rng.random(len(ids)), removable, tie_key)
+        orders[RECENCY] = removal_order(np.arange(len(ids), dtype=np.float64), removable, tie_key)
         for name, curve in curves(target_scorer(model, target), ids, orders, replacement_id).items():
             sums[name] += curve
             for k, quantity in enumerate(("logit", "probability")):
@@ -183,7 +191,7 @@ def run(model, tokenizer, prompts: list[dict], methods: Sequence[str], replaceme
 
 def summarise(areas: dict[str, dict[str, list[float]]]) -> dict[str, dict]:
     """Mean, standard error and median of the area per method and quantity, best logit area first;
-    and how often each method beats the random ranking on the same prompt."""
+    how often each method beats each baseline ranking on the same prompt; the paired gap to the best."""
     summary = {}
     for name, by_quantity in areas.items():
         row = {}
@@ -191,21 +199,33 @@ def summarise(areas: dict[str, dict[str, list[float]]]) -> dict[str, dict]:
             v = np.asarray(values)
             row[quantity] = {"mean": float(v.mean()), "sem": float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1
                              else float("nan"), "median": float(np.median(v))}
-        if name != RANDOM:
-            row["beats_random"] = float(np.mean(np.asarray(by_quantity["logit"]) > np.asarray(areas[RANDOM]["logit"])))
+        if name not in BASELINES:
+            for baseline in BASELINES:
+                row[f"beats_{baseline}"] = float(np.mean(np.asarray(by_quantity["logit"])
+                                                         > np.asarray(areas[baseline]["logit"])))
         summary[name] = row
-    return dict(sorted(summary.items(), key=lambda item: -item[1]["logit"]["mean"]))
+    ranked = dict(sorted(summary.items(), key=lambda item: -item[1]["logit"]["mean"]))
+    best = np.asarray(areas[next(iter(ranked))]["logit"])
+    for name, row in ranked.items():
+        # paired over the same prompts: is the winner's lead larger than its noise?
+        gap = best - np.asarray(areas[name]["logit"])
+        row["behind_best"] = {"mean": float(gap.mean()),
+                              "sem": float(gap.std(ddof=1) / np.sqrt(len(gap))) if len(gap) > 1 else float("nan")}
+    return ranked
 
 
 def markdown(summary: dict, meta: dict) -> str:
+    kept = "; the last prompt token is never removed" if meta.get("keep_last") else ""
     lines = [f"Area between the LeRF and MoRF curves (larger = more faithful), {meta['prompts']} prompts, "
-             f"model {meta['model']}; removed tokens replaced by `{meta['replacement']}`.", "",
-             "| rank | method | logit area (mean ± s.e.) | median | probability area | beats random |",
-             "|---:|---|---:|---:|---:|---:|"]
+             f"model {meta['model']}; removed tokens replaced by `{meta['replacement']}`{kept}.", "",
+             "| rank | method | logit area (mean ± s.e.) | median | behind the best (paired mean ± s.e.) "
+             "| probability area | beats random | beats recency |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for rank, (name, row) in enumerate(summary.items(), 1):
-        beats = f"{100 * row['beats_random']:.0f} %" if "beats_random" in row else "—"
+        beats = " | ".join(f"{100 * row[f'beats_{b}']:.0f} %" if f"beats_{b}" in row else "—" for b in BASELINES)
         lines.append(f"| {rank} | {name} | {row['logit']['mean']:.3f} ± {row['logit']['sem']:.3f} | "
-                     f"{row['logit']['median']:.3f} | {row['probability']['mean']:.4f} | {beats} |")
+                     f"{row['logit']['median']:.3f} | {row['behind_best']['mean']:.3f} ± {row['behind_best']['sem']:.3f} | "
+                     f"{row['probability']['mean']:.4f} | {beats} |")
     return "\n".join(lines) + "\n"
 
 
@@ -218,8 +238,8 @@ def plot(mean_curves: dict, summary: dict, path: Path) -> None:
     x = 100 * FRACTIONS
     for name in summary:
         curve = np.asarray(mean_curves[name])
-        style = {"linewidth": 2.4 if name in ("attnlrp", RANDOM) else 1.2,
-                 "linestyle": ":" if name == RANDOM else "-"}
+        style = {"linewidth": 2.4 if name in ("attnlrp", *BASELINES) else 1.2,
+                 "linestyle": ":" if name in BASELINES else "-"}
         line, = axes[0].plot(x, curve[0, :, 0], **style)
         axes[1].plot(x, curve[1, :, 0], color=line.get_color(), label=f"{name} ({summary[name]['logit']['mean']:.2f})",
                      **style)
@@ -241,10 +261,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", type=Path, default=None, help="folder with movies/ and sst2/ (default ../shared/data)")
     p.add_argument("--model", type=Path, default=None, help="a causal LM folder (default: the bundled tiny Llama)")
     p.add_argument("--out", type=Path, default=OUT)
-    p.add_argument("--prompts", type=int, default=300)
+    p.add_argument("--prompts", type=int, default=400)
     p.add_argument("--max-tokens", type=int, default=48, help="longest prompt, <bos> included")
     p.add_argument("--methods", nargs="+", default=None, help="default: every method of relprop.methods()")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--keep-last", action="store_true",
+                   help="never remove the prompt's last token (rank only the context before it)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -274,7 +296,7 @@ def main(argv=None) -> None:
         raise SystemExit("the tokenizer has neither an <unk> nor a <pad> token to replace removed tokens with")
     methods = args.methods or relprop.methods()
     prompts = select_prompts(tokenizer, args.data or default_data_dir(), args.prompts, args.max_tokens, args.seed)
-    result = run(model, tokenizer, prompts, methods, replacement_id, args.seed, args.batch_size)
+    result = run(model, tokenizer, prompts, methods, replacement_id, args.seed, args.batch_size, args.keep_last)
     summary = summarise(result["areas"])
     meta = {"model": model_name, "prompts": len(prompts), "replacement": tokenizer.convert_ids_to_tokens(replacement_id),
             "replacement_id": replacement_id, "fractions": FRACTIONS.tolist(),
@@ -282,7 +304,7 @@ def main(argv=None) -> None:
                               "mean": round(float(np.mean([len(p["ids"]) for p in prompts])), 1)},
             "sources": {"sst2_test": sum(p["source"].startswith("sst2") for p in prompts),
                         "held_out_reviews": sum(not p["source"].startswith("sst2") for p in prompts)},
-            "seed": args.seed, "threads": args.threads, "explain_seconds": result["explain_seconds"],
+            "keep_last": args.keep_last, "seed": args.seed, "threads": args.threads, "explain_seconds": result["explain_seconds"],
             "seconds": result["seconds"], "torch": torch.__version__}
     record = {"meta": meta, "summary": summary, "mean_curves": result["mean_curves"],
               "curve_layout": "[MoRF, LeRF][fraction][logit, probability]",

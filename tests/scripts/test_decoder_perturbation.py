@@ -103,7 +103,7 @@ def test_run_on_a_tiny_llama_explains_the_greedy_token_and_starts_at_its_logit(b
         with torch.no_grad():
             logits = tiny_llama(input_ids=torch.tensor([prompt["ids"]])).logits[0, -1]
         assert target == int(logits.argmax())
-    assert set(result["areas"]) == {"attnlrp", "rollout", "random"}
+    assert set(result["areas"]) == {"attnlrp", "rollout", "random", "recency"}
     assert all(len(a["logit"]) == 3 and len(a["probability"]) == 3 for a in result["areas"].values())
     with torch.no_grad():
         mean_start = np.mean([float(tiny_llama(input_ids=torch.tensor([p["ids"]])).logits[0, -1, t])
@@ -115,6 +115,12 @@ def test_run_on_a_tiny_llama_explains_the_greedy_token_and_starts_at_its_logit(b
     summary = bench.summarise(result["areas"])
     means = [row["logit"]["mean"] for row in summary.values()]
     assert means == sorted(means, reverse=True) and "beats_random" not in summary["random"]
+    assert 0 <= summary["attnlrp"]["beats_recency"] <= 1 and "beats_recency" not in summary["recency"]
+    winner = next(iter(summary))
+    assert summary[winner]["behind_best"]["mean"] == 0
+    assert all(row["behind_best"]["mean"] >= -1e-12 for row in summary.values())
+    table = bench.markdown(summary, {"prompts": 3, "model": "tiny", "replacement": "<unk>"})
+    assert table.count("\n| ") == 1 + len(summary) and f"| 1 | {winner} |" in table
 
 
 def test_bad_options_are_refused_with_a_message(bench, capsys):
@@ -124,3 +130,16 @@ def test_bad_options_are_refused_with_a_message(bench, capsys):
     with pytest.raises(SystemExit) as error:
         bench.parse_args(["--max-tokens", "4"])
     assert error.value.code == 2 and "--max-tokens at least 12" in capsys.readouterr().err
+
+
+def test_keep_last_never_removes_the_last_prompt_token(bench, tiny_llama):
+    tokenizer = SimpleNamespace(bos_token_id=1, pad_token_id=2)
+    prompts = [{"source": "a", "ids": [1, 7, 8, 9, 10, 11]}, {"source": "b", "ids": [1, 20, 21, 22, 23, 24, 25]}]
+    kept = bench.run(tiny_llama, tokenizer, prompts, ["rollout"], UNK, seed=0, batch_size=2, keep_last=True,
+                     log=lambda *_: None)
+    emptied = [[1, UNK, UNK, UNK, UNK, 11], [1, UNK, UNK, UNK, UNK, UNK, 25]]
+    with torch.no_grad():
+        expected = np.mean([float(tiny_llama(input_ids=torch.tensor([ids])).logits[0, -1, t])
+                            for ids, t in zip(emptied, kept["targets"])])
+    for curve in kept["mean_curves"].values():
+        np.testing.assert_allclose(np.asarray(curve)[:, -1, 0], expected, rtol=1e-6)

@@ -144,10 +144,11 @@ def load_sentiment_model(
 def load_tiny_lm(asset_dir: Path = TINY_LM_DIR) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
     """The bundled tiny causal language model (float32, eval mode) and its tokenizer, offline.
 
-    A ``LlamaForCausalLM`` (4 layers, hidden 128, 4 query / 2 key-value heads, 4,096-token
-    byte-level BPE vocabulary) trained by ``scripts/train_tiny_lm.py`` on movie reviews and SST-2
-    phrases; its weights are stored in float16 and loaded as float32. ``training_log.json``
-    beside them gives its held-out perplexity. The tokenizer puts ``<bos>`` first.
+    A ``LlamaForCausalLM`` (3 layers, hidden 128, 4 query / 2 key-value heads, a 2,048-token
+    byte-level BPE vocabulary, tied embeddings) trained by ``scripts/train_tiny_lm.py`` on movie
+    reviews and SST-2 phrases; its weights are stored in float16 and loaded as float32.
+    ``training_log.json`` beside them gives its held-out perplexity and the training command. The
+    tokenizer puts ``<bos>`` first and has ``<unk>``, ``<pad>`` and ``<eos>``.
 
     Parameters
     ----------
@@ -167,8 +168,25 @@ def load_tiny_lm(asset_dir: Path = TINY_LM_DIR) -> tuple[LlamaForCausalLM, PreTr
 
 def greedy_continuation(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str,
                         max_new_tokens: int = TINY_LM_SAMPLE_TOKENS) -> str:
-    """The greedy continuation of ``prompt`` (decoded, without the prompt), as relprop's own forward
-    pass computes it (`relprop.text.explain_generation` explains exactly these tokens)."""
+    """The greedy continuation of ``prompt`` as relprop's own forward pass computes it
+    (`relprop.text.explain_generation` generates and explains exactly these tokens).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A supported causal language model.
+    tokenizer : transformers.PreTrainedTokenizerBase
+        Its tokenizer (the prompt is encoded with its special tokens).
+    prompt : str
+        The text to continue.
+    max_new_tokens : int
+        The most tokens to generate; it stops after an end-of-sequence token.
+
+    Returns
+    -------
+    str
+        The generated tokens decoded together, without the prompt.
+    """
     from ..explainer import Explainer
     from .generate import _eos_ids, _greedy
 
