@@ -287,9 +287,8 @@ def main(argv=None) -> None:
         model, tokenizer = load_tiny_lm()
         model_name = "bundled tiny Llama (relprop.text.pretrained.load_tiny_lm)"
     else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        model = AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True).eval()
-        tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+        from relprop.loading import load_causal_lm
+        model, tokenizer = load_causal_lm(str(args.model))
         model_name = str(args.model)
     replacement_id = tokenizer.unk_token_id if tokenizer.unk_token_id is not None else tokenizer.pad_token_id
     if replacement_id is None or tokenizer.pad_token_id is None:
