@@ -31,6 +31,7 @@ from relprop.text.pretrained import (
     BASE_PACKAGE, LORA_A, LORA_B, LORA_TARGETS, base_model_dir, file_sha256,
     load_base_classifier, load_sentiment_model,
 )
+from relprop.text.corpus import read_sst2
 from relprop.text.rationales import default_data_dir, read_zaidan, split_of
 
 ID2LABEL = {0: "negative", 1: "positive"}
@@ -64,12 +65,6 @@ def add_lora(model: nn.Module, rank: int, scaling: float, dropout: float) -> dic
             setattr(parent, child, module)
             wrapped[f"bert.encoder.layer.{i}.{target}"] = module
     return wrapped
-
-
-def read_tsv(path: Path) -> tuple[list[str], list[int]]:
-    lines = path.read_text(encoding="utf-8").splitlines()[1:]  # header: sentence<TAB>label
-    rows = [line.rsplit("\t", 1) for line in lines if line.strip()]
-    return [s.strip() for s, _ in rows], [int(y) for _, y in rows]
 
 
 def length_grouped_batches(lengths: list[int], batch_size: int, rng: random.Random) -> list[list[int]]:
@@ -144,12 +139,12 @@ def train(args: argparse.Namespace) -> dict:
     for name, p in model.named_parameters():
         p.requires_grad_(name in HEAD_PARAMS or name.endswith(("lora_A", "lora_B")))
 
-    texts, labels = read_tsv(args.data_dir / "sst2" / "train.tsv")
+    texts, labels = read_sst2(args.data_dir / "sst2" / "train.tsv")
     if args.max_train and args.max_train < len(texts):
         keep = rng.sample(range(len(texts)), args.max_train)
         texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
     encodings = tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]
-    dev_texts, dev_labels = read_tsv(args.data_dir / "sst2" / "dev.tsv")
+    dev_texts, dev_labels = read_sst2(args.data_dir / "sst2" / "dev.tsv")
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
@@ -188,7 +183,7 @@ def train(args: argparse.Namespace) -> dict:
 def evaluate_stored(out_dir: Path, data_dir: Path) -> dict:
     """Accuracies of the model as users will load it (merged, stored precision)."""
     model, tokenizer = load_sentiment_model(out_dir)
-    test_texts, test_labels = read_tsv(data_dir / "sst2" / "test.tsv")
+    test_texts, test_labels = read_sst2(data_dir / "sst2" / "test.tsv")
     review_texts, review_labels = heldout_reviews(data_dir / "movies" / "zaidan_rationales.tar.gz")
     test_predicted = predict(model, tokenizer, test_texts, max_length=128)
     review_predicted = predict(model, tokenizer, review_texts, max_length=512, batch_size=8)

