@@ -4,11 +4,26 @@ Builds the model from a default-size configuration with random weights (float32,
 default SDPA attention): ``--model vit-b16`` (default: ``ViTForImageClassification``,
 ``vit-base-patch16-224``), ``bert-base-512`` (BERT-base, 512 tokens), ``clip-b32`` (CLIP ViT-B/32
 vision tower with projection; score = the embedding's sum, a callable target), ``swin-t``,
-``dinov2-s``. Then, in one run and interleaved, it times a forward + backward of the explained
+``dinov2-s``, ``llama-long`` (a ``LlamaForCausalLM`` of Llama-3.2-1B's width: hidden 2048, 32
+heads, 8 key-value heads, MLP 8192; a 32,000-token vocabulary and ``--layers`` decoder layers,
+default 2, where the 1B model has 16; score = the next-token logit at the last position; run at
+each of ``--lengths``, default 512 1024 2048 4096). Then, in one run and interleaved, it times a forward + backward of the explained
 score (the baseline: what a user's own gradient computation costs) and each method, at batch 1
 and 8. Peak memory is measured per configuration in a fresh subprocess (peak resident set size
 above the loaded model); on a GPU (``--device cuda``) as the peak of allocated device memory
 above the loaded model, in process.
+
+The forward + backward baseline includes the parameter gradients (``.backward()`` as a user
+calls it); text models also get the row ``forward+backward to inputs``: the gradient at the
+word embeddings only (``torch.autograd.grad``, no parameter gradient), the cost of a gradient x
+input explanation, which is what AttnLRP and CP-LRP claim to match.
+
+``--lxt-python PYTHON`` (llama-long, bert-base-512: the python of a separate virtual environment
+with ``lxt==2.1`` and ``transformers==4.57.6``, never a relprop dependency) saves the model with
+``save_pretrained`` and, per length and batch, right after relprop's timed loop, runs LXT's
+AttnLRP on the same weights, inputs and target in that python (``benchmarks/lxt_attnlrp.py``, its
+own process: median of ``--repeats`` after one warm-up, peak memory above the loaded model); the
+``attnlrp`` rows get ``time_vs_lxt`` and ``memory_vs_lxt`` (relprop ÷ LXT).
 
 ``--baseline PATH`` (a relprop source tree, e.g. ``git worktree add /tmp/old <commit>``) adds that
 version's methods, imported from there under another package name, to the same interleaved loop
@@ -28,6 +43,10 @@ Face model's and relprop's (float32, and float64 where the LRP map is well condi
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_vit.py --repeats 5 --reference ../Transformer-Explainability \
         --out benchmarks/results/vit_b16.json
     python benchmarks/bench_vit.py --device cuda --batches 1 8 32 --out benchmarks/results/vit_b16_cuda.json
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_vit.py --model llama-long --layers 2 --lengths 512 1024 \
+        --batches 1 --repeats 1 --lxt-python LXT_VENV/bin/python --out benchmarks/results/llama-long.json
+    python benchmarks/bench_vit.py --model llama-long --layers 16 --device cuda --batches 1 --repeats 3 \
+        --lxt-python LXT_VENV/bin/python --out benchmarks/results/llama-long_cuda.json
 """
 from __future__ import annotations
 

@@ -84,3 +84,29 @@ def test_the_input_gradient_row_is_gradient_times_input_of_the_score(bench_vit):
     assert relevance.sum().item() == pytest.approx(score.item(), rel=1e-6)
     bench_vit.make_runner(model, "forward+backward to inputs", 1, length=10)()     # runs; no parameter gradient
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_lxt_rows_come_from_the_lxt_python_and_give_relprop_over_lxt_ratios(bench_vit, monkeypatch, tmp_path):
+    """--lxt-python plumbing without LXT: a stand-in 'python' answers as benchmarks/lxt_attnlrp.py
+    does (one JSON line) and checks that the saved weights and inputs are there."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setattr(bench_vit.MODELS["llama-long"], "build", lambda layers=2: LlamaForCausalLM(LlamaConfig(
+        hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, vocab_size=20000)))
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\ncase "$*" in *--versions*) echo \'{"lxt": "2.1"}\'; exit 0;; esac\n'
+                    'folder=$(echo "$*" | sed "s/.*--folder \\([^ ]*\\).*/\\1/")\n'
+                    'test -f "$folder/config.json" && test -f "$folder/bench_inputs.pt" || exit 3\n'
+                    'echo \'{"median_s": 0.5, "peak_bytes": 1048576}\'\n')
+    fake.chmod(0o755)
+    out = tmp_path / "long.json"
+    bench_vit.main(["--model", "llama-long", "--layers", "1", "--lengths", "8", "--batches", "1", "--repeats", "1",
+                    "--methods", "attnlrp", "--no-memory", "--lxt-python", str(fake), "--out", str(out)])
+    results = json.loads(out.read_text())
+    assert results["lxt"] == {"lxt": "2.1"}
+    rows = {r["method"]: r for r in results["rows"]}
+    assert rows["LXT attnlrp"]["median_s"] == 0.5
+    assert rows["attnlrp"]["time_vs_lxt"] == pytest.approx(rows["attnlrp"]["median_s"] / 0.5)
+    table = bench_vit.markdown_table(results["rows"])
+    assert "time ÷ LXT" in table and f"| {rows['attnlrp']['time_vs_lxt']:.2f} |" in table
