@@ -4,11 +4,26 @@ Builds the model from a default-size configuration with random weights (float32,
 default SDPA attention): ``--model vit-b16`` (default: ``ViTForImageClassification``,
 ``vit-base-patch16-224``), ``bert-base-512`` (BERT-base, 512 tokens), ``clip-b32`` (CLIP ViT-B/32
 vision tower with projection; score = the embedding's sum, a callable target), ``swin-t``,
-``dinov2-s``. Then, in one run and interleaved, it times a forward + backward of the explained
+``dinov2-s``, ``llama-long`` (a ``LlamaForCausalLM`` of Llama-3.2-1B's width: hidden 2048, 32
+heads, 8 key-value heads, MLP 8192; a 32,000-token vocabulary and ``--layers`` decoder layers,
+default 2, where the 1B model has 16; score = the next-token logit at the last position; run at
+each of ``--lengths``, default 512 1024 2048 4096). Then, in one run and interleaved, it times a forward + backward of the explained
 score (the baseline: what a user's own gradient computation costs) and each method, at batch 1
 and 8. Peak memory is measured per configuration in a fresh subprocess (peak resident set size
 above the loaded model); on a GPU (``--device cuda``) as the peak of allocated device memory
 above the loaded model, in process.
+
+The forward + backward baseline includes the parameter gradients (``.backward()`` as a user
+calls it); text models also get the row ``forward+backward to inputs``: the gradient at the
+word embeddings only (``torch.autograd.grad``, no parameter gradient), the cost of a gradient x
+input explanation, which is what AttnLRP and CP-LRP claim to match.
+
+``--lxt-python PYTHON`` (llama-long, bert-base-512: the python of a separate virtual environment
+with ``lxt==2.1`` and ``transformers==4.57.6``, never a relprop dependency) saves the model with
+``save_pretrained`` and, per length and batch, right after relprop's timed loop, runs LXT's
+AttnLRP on the same weights, inputs and target in that python (``benchmarks/lxt_attnlrp.py``, its
+own process: median of ``--repeats`` after one warm-up, peak memory above the loaded model); the
+``attnlrp`` rows get ``time_vs_lxt`` and ``memory_vs_lxt`` (relprop ÷ LXT).
 
 ``--baseline PATH`` (a relprop source tree, e.g. ``git worktree add /tmp/old <commit>``) adds that
 version's methods, imported from there under another package name, to the same interleaved loop
@@ -28,6 +43,10 @@ Face model's and relprop's (float32, and float64 where the LRP map is well condi
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_vit.py --repeats 5 --reference ../Transformer-Explainability \
         --out benchmarks/results/vit_b16.json
     python benchmarks/bench_vit.py --device cuda --batches 1 8 32 --out benchmarks/results/vit_b16_cuda.json
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_vit.py --model llama-long --layers 2 --lengths 512 1024 \
+        --batches 1 --repeats 1 --lxt-python LXT_VENV/bin/python --out benchmarks/results/llama-long.json
+    python benchmarks/bench_vit.py --model llama-long --layers 16 --device cuda --batches 1 --repeats 3 \
+        --lxt-python LXT_VENV/bin/python --out benchmarks/results/llama-long_cuda.json
 """
 from __future__ import annotations
 
@@ -39,19 +58,26 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
 REFERENCE = "reference generate_LRP (authors' code)"
 BASELINE = "baseline "           # + method: the same method of the --baseline relprop version
+INPUT_GRADIENT = "forward+backward to inputs"   # the gradient at the word embeddings only, no parameter gradients
+LXT = "LXT attnlrp"              # LXT 2.1's AttnLRP in its own virtual environment (--lxt-python)
+LLAMA_LAYERS = 2                 # llama-long's default depth: 16 layers at 4,096 tokens do not fit a 2-core CPU run
 METHODS = ["transformer_attribution", "rollout", "raw_attention", "attn_gradcam", "partial_lrp", "lrp", "grad_rollout"]
 
 
-def build_model(name: str = "vit-b16"):
-    """A model of ``MODELS[name]`` from its default-size configuration, random weights, eval mode."""
+def build_model(name: str = "vit-b16", layers: int | None = None):
+    """A model of ``MODELS[name]`` from its default-size configuration, random weights, eval mode;
+    ``layers`` (llama-long only) sets its number of decoder layers."""
     torch.manual_seed(0)
-    return MODELS[name].build().eval()
+    if layers is not None and name != "llama-long":
+        raise SystemExit("--layers works with --model llama-long only")
+    return (MODELS[name].build(layers) if layers is not None else MODELS[name].build()).eval()
 
 
 def _vit_b16():
@@ -66,6 +92,17 @@ def _bert_base():
     from transformers import BertConfig, BertForSequenceClassification
 
     return BertForSequenceClassification(BertConfig(num_labels=2))
+
+
+def _llama_long(layers: int = LLAMA_LAYERS):
+    """Llama-3.2-1B's width (hidden 2048, 32 heads, 8 key-value heads, MLP 8192) with a 32,000-token
+    vocabulary (1B's is 128,256) and ``layers`` decoder layers (1B has 16)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=2048, num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8,
+                         intermediate_size=8192, vocab_size=32000, max_position_embeddings=8192, rope_theta=500000.0,
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config)
 
 
 def _clip_b32():
@@ -92,29 +129,38 @@ class Bench:
     """One benchmarked model: how to build it, a batch of inputs, and the score explained
     (the same score the forward + backward baseline differentiates)."""
 
-    def __init__(self, build, kind: str, size: int = 224, length: int = 512):
+    def __init__(self, build, kind: str, size: int = 224, length: int = 512, methods=None, lengths=None):
         self.build, self.kind, self.size, self.length = build, kind, size, length
+        self.methods = methods or METHODS           # the default --methods
+        self.lengths = lengths or [length]          # the default --lengths (text models)
 
-    def inputs(self, batch: int, device) -> dict:
+    @property
+    def text(self) -> bool:
+        return self.kind in ("text", "causal")
+
+    def inputs(self, batch: int, device, length: int | None = None) -> dict:
         gen = torch.Generator().manual_seed(1)
-        if self.kind == "text":
-            ids = torch.randint(1000, 20000, (batch, self.length), generator=gen)
-            ids[:, 0] = 101
+        if self.text:
+            ids = torch.randint(1000, 20000, (batch, length or self.length), generator=gen)
+            ids[:, 0] = 101 if self.kind == "text" else 1      # [CLS] / <s>
             return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
         return {"pixel_values": torch.randn(batch, 3, self.size, self.size, generator=gen).to(device)}
 
     def score(self, output, batch: int):
-        """Per-sample score: a logit (classifiers) or the embedding's projection on a fixed direction."""
+        """Per-sample score: a logit (classifiers; for a causal LM the next-token logit at the last
+        position) or the embedding's projection on a fixed direction."""
         if self.kind == "embedding":
             direction = torch.ones(output.image_embeds.shape[-1], device=output.image_embeds.device)
             return output.image_embeds @ direction
-        target = (torch.arange(batch) % output.logits.shape[-1]).to(output.logits.device)
-        return output.logits.gather(1, target[:, None]).squeeze(1)
+        logits = output.logits[:, -1] if self.kind == "causal" else output.logits
+        target = self.target(batch, logits.device)
+        return logits.gather(1, target[:, None]).squeeze(1)
 
     def target(self, batch: int, device):
         if self.kind == "embedding":
             return lambda output: self.score(output, batch)
-        return (torch.arange(batch) % 1000).to(device) if self.kind != "text" else (torch.arange(batch) % 2).to(device)
+        classes = {"text": 2, "causal": 1000}.get(self.kind, 1000)
+        return (torch.arange(batch) % classes).to(device)
 
 
 MODELS = {
@@ -123,6 +169,8 @@ MODELS = {
     "clip-b32": Bench(_clip_b32, "embedding"),
     "swin-t": Bench(_swin_t, "image"),
     "dinov2-s": Bench(_dinov2_s, "image"),
+    "llama-long": Bench(_llama_long, "causal", methods=["attnlrp", "cp_lrp", "transformer_attribution"],
+                        lengths=[512, 1024, 2048, 4096]),
 }
 
 
@@ -247,21 +295,30 @@ def reference_commit(path: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def make_runner(model, name, batch, reference_lrp=None, baseline=None):
-    """A call that runs ``name`` once on a batch; ``reference_lrp`` (the authors' LRP explainer on the
-    same weights) is needed for the reference row, ``baseline`` (another relprop package) for the
-    baseline rows."""
+def make_runner(model, name, batch, reference_lrp=None, baseline=None, length=None):
+    """A call that runs ``name`` once on a batch (of ``length`` tokens, text models); ``reference_lrp``
+    (the authors' LRP explainer on the same weights) is needed for the reference row, ``baseline``
+    (another relprop package) for the baseline rows."""
     import relprop
 
     device = next(model.parameters()).device
     bench = MODELS[getattr(model, "bench_name", "vit-b16")]
-    inputs = bench.inputs(batch, device)
+    inputs = bench.inputs(batch, device, length)
     x = inputs.get("pixel_values")
     target = bench.target(batch, device)
-    if name == "forward+backward":
+    if name == "forward+backward":          # parameter gradients included: what model.backward() costs a user
         def run():
             model.zero_grad(set_to_none=True)
             bench.score(model(**inputs), batch).sum().backward()
+    elif name == INPUT_GRADIENT:             # gradient x input's cost: autograd computes no parameter gradient
+        if not bench.text:
+            raise SystemExit(f"{INPUT_GRADIENT!r} is measured on text models only")
+        ids = inputs["input_ids"]
+        rest = {k: v for k, v in inputs.items() if k != "input_ids"}
+
+        def run():
+            embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+            torch.autograd.grad(bench.score(model(inputs_embeds=embeds, **rest), batch).sum(), embeds)
     elif name == REFERENCE:
         targets = target.tolist()
 
@@ -287,9 +344,9 @@ def make_runner(model, name, batch, reference_lrp=None, baseline=None):
     return run_synchronized
 
 
-def measure_cuda_memory(model, name: str, batch: int, reference_lrp=None, baseline=None) -> int:
+def measure_cuda_memory(model, name: str, batch: int, reference_lrp=None, baseline=None, length=None) -> int:
     """Peak allocated device memory of one call above what was allocated before it (the model)."""
-    run = make_runner(model, name, batch, reference_lrp, baseline)
+    run = make_runner(model, name, batch, reference_lrp, baseline, length)
     run()
     model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
@@ -297,6 +354,13 @@ def measure_cuda_memory(model, name: str, batch: int, reference_lrp=None, baseli
     torch.cuda.reset_peak_memory_stats()
     run()
     return torch.cuda.max_memory_allocated() - before
+
+
+def reset_peak_rss() -> None:
+    """Start VmHWM anew from the current resident set (Linux: ``5`` to clear_refs), so a transient peak
+    of loading the model is not taken for the call's."""
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")
 
 
 def _rss(field: str) -> int:
@@ -314,42 +378,49 @@ def reference_lrp_for(model, reference_path: str):
 
 
 def peak_memory_child(model_name: str, name: str, batch: int, reference_path: str | None,
-                      baseline_path: str | None) -> None:
-    model = build_model(model_name)
+                      baseline_path: str | None, layers: int | None = None, length: int | None = None) -> None:
+    model = build_model(model_name, layers)
     model.bench_name = model_name
     reference_lrp = reference_lrp_for(model, reference_path) if name == REFERENCE else None
     baseline = load_baseline(baseline_path) if name.startswith(BASELINE) else None
-    run = make_runner(model, name, batch, reference_lrp, baseline)   # both models are loaded before `before`
-    if name != "forward+backward" and name != REFERENCE:
-        tiny = make_runner(model, name, 1, reference_lrp, baseline)
-        tiny()                  # the export (paid once per model) is not part of a call's memory
-        run = make_runner(model, name, batch, reference_lrp, baseline)
+    run = make_runner(model, name, batch, reference_lrp, baseline, length)   # both models are loaded before `before`
+    if name not in ("forward+backward", INPUT_GRADIENT, REFERENCE):
+        # the export (paid once per model; any text length reuses it) is not part of a call's memory
+        make_runner(model, name, 1, reference_lrp, baseline, 16 if MODELS[model_name].text else None)()
     before = _rss("VmRSS:")
+    reset_peak_rss()
     run()
     run()
     print(json.dumps({"peak_bytes": _rss("VmHWM:") - before}))
 
 
 def measure_memory(model_name: str, name: str, batch: int, reference_path: str | None = None,
-                   baseline_path: str | None = None) -> int:
+                   baseline_path: str | None = None, layers: int | None = None, length: int | None = None) -> int:
     reference = ["--reference", reference_path] if name == REFERENCE else []
     if name.startswith(BASELINE):
         reference = ["--baseline", baseline_path]
+    shape = (["--layers", str(layers)] if layers is not None else []) + (["--lengths", str(length)] if length else [])
     out = subprocess.run([sys.executable, __file__, "--model", model_name, "--memory-child", name, str(batch),
-                          *reference],
+                          *reference, *shape],
                          capture_output=True, text=True, check=True,
                          env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="vit-b16",
                         help="vit-b16 (default), bert-base-512 (512 tokens), clip-b32 (vision tower + projection, "
-                             "score = the embedding's sum), swin-t, dinov2-s; default-size configs, random weights")
+                             "score = the embedding's sum), swin-t, dinov2-s, llama-long (Llama-3.2-1B width, "
+                             f"{LLAMA_LAYERS} layers, 32,000-token vocabulary); default-size configs, random weights")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--methods", nargs="+", help="default: the model's (llama-long: attnlrp cp_lrp "
+                                                      "transformer_attribution; others: the CVPR'21 family)")
+    parser.add_argument("--lengths", type=int, nargs="+",
+                        help="text models: token counts to run (llama-long default: 512 1024 2048 4096)")
+    parser.add_argument("--layers", type=int, help=f"llama-long: decoder layers (default {LLAMA_LAYERS}; "
+                                                   "Llama-3.2-1B has 16)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--reference", metavar="PATH",
@@ -357,19 +428,45 @@ def main() -> None:
                              "also time the authors' generate_LRP on the same weights")
     parser.add_argument("--baseline", metavar="PATH",
                         help="another relprop source tree (e.g. a worktree of an older commit): also time its methods")
+    parser.add_argument("--lxt-python", metavar="PYTHON",
+                        help="the python of a virtual environment with lxt==2.1 and transformers==4.57.6 (never a "
+                             "relprop dependency): also time LXT's AttnLRP on the same weights (llama-long, "
+                             "bert-base-512); without it the LXT rows are skipped")
     parser.add_argument("--out")
     parser.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.memory_child:
-        peak_memory_child(args.model, args.memory_child[0], int(args.memory_child[1]), args.reference, args.baseline)
-        return
+    args = parser.parse_args(argv)
+    bench = MODELS[args.model]
+    if args.layers is not None and (args.model != "llama-long" or args.layers < 1):
+        parser.error("--layers takes a positive number of layers, with --model llama-long only")
+    if args.lengths and (not bench.text or min(args.lengths) < 2):
+        parser.error("--lengths takes token counts of at least 2, with a text model (bert-base-512, llama-long)")
+    if args.lxt_python and args.model not in LXT_FAMILIES:
+        parser.error(f"--lxt-python works with --model {' or '.join(sorted(LXT_FAMILIES))}")
+    if args.lxt_python and not os.access(args.lxt_python, os.X_OK):
+        parser.error(f"--lxt-python {args.lxt_python}: no such executable; pass the python of the LXT environment")
     if args.reference and args.model != "vit-b16":
-        raise SystemExit("--reference (the authors' ViT code) works with --model vit-b16 only")
-    model = build_model(args.model).to(args.device)
+        parser.error("--reference (the authors' ViT code) works with --model vit-b16 only")
+    args.methods = args.methods or bench.methods
+    args.lengths = args.lengths or (bench.lengths if bench.text else [None])
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.memory_child:
+        peak_memory_child(args.model, args.memory_child[0], int(args.memory_child[1]), args.reference, args.baseline,
+                          args.layers, args.lengths[0])
+        return
+    bench = MODELS[args.model]
+    model = build_model(args.model, args.layers).to(args.device)
     model.bench_name = args.model
-    names = ["forward+backward"] + args.methods
+    names = ["forward+backward"] + ([INPUT_GRADIENT] if bench.text else []) + args.methods
     results = {"model": args.model, "threads": torch.get_num_threads(), "torch": torch.__version__, "device": args.device,
                "load_average_before": os.getloadavg(), "rows": []}   # the machine's other work, 1/5/15 min
+    if args.model == "llama-long":
+        results["config"] = {k: getattr(model.config, k) for k in
+                             ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                              "intermediate_size", "vocab_size")}
     reference_lrp = None
     if args.reference:
         results["reference"] = {"code": "github.com/hila-chefer/Transformer-Explainability",
@@ -382,35 +479,54 @@ def main() -> None:
         baseline = load_baseline(args.baseline)
         results["baseline"] = {"path": os.path.abspath(args.baseline), "commit": reference_commit(args.baseline)}
         names += [BASELINE + m for m in args.methods]
+    lxt_folder = None
+    if args.lxt_python:
+        lxt_folder = tempfile.TemporaryDirectory(prefix="relprop-bench-lxt-")
+        model.save_pretrained(lxt_folder.name)     # LXT loads the very same weights
+        results["lxt"] = lxt_versions(args.lxt_python)
     if args.device.startswith("cuda"):
         results["gpu"] = torch.cuda.get_device_name()
-        memory = lambda name, batch: measure_cuda_memory(model, name, batch, reference_lrp, baseline)  # noqa: E731
+        memory = lambda name, batch, length: measure_cuda_memory(  # noqa: E731
+            model, name, batch, reference_lrp, baseline, length)
     else:
-        memory = lambda name, batch: measure_memory(args.model, name, batch, args.reference, args.baseline)  # noqa: E731
-    for batch in args.batches:
-        runners = {name: make_runner(model, name, batch, reference_lrp, baseline) for name in names}
-        for run in runners.values():       # warm-up (a method's first call on the model exports its graph)
-            run()
-        tracer = getattr(getattr(runners.get("transformer_attribution"), "explainer", None), "tracer", None)
-        if tracer is not None and tracer.programs:
-            results.setdefault("export_s", {})[str(batch)] = [round(p.trace_seconds, 3) for p in tracer.programs]
-        times = {name: [] for name in names}
-        for _ in range(args.repeats):      # interleaved, so machine noise hits every entry alike
-            for name, run in runners.items():
-                start = time.perf_counter()
+        memory = lambda name, batch, length: measure_memory(  # noqa: E731
+            args.model, name, batch, args.reference, args.baseline, args.layers, length)
+    for length in args.lengths:
+        for batch in args.batches:
+            runners = {name: make_runner(model, name, batch, reference_lrp, baseline, length) for name in names}
+            for run in runners.values():       # warm-up (a method's first call on the model exports its graph)
                 run()
-                times[name].append(time.perf_counter() - start)
-        base_time = statistics.median(times["forward+backward"])
-        base_mem = None if args.no_memory else memory("forward+backward", batch)
-        for name in names:
-            median = statistics.median(times[name])
-            row = {"batch": batch, "method": name, "median_s": median, "per_image_s": median / batch,
-                   "time_ratio": median / base_time}
-            if base_mem is not None:
-                mem = base_mem if name == "forward+backward" else memory(name, batch)
-                row.update(peak_mib=mem / 2**20, memory_ratio=mem / base_mem)
-            results["rows"].append(row)
-            print(json.dumps(row), flush=True)
+            tracer = getattr(getattr(runners.get("transformer_attribution"), "explainer", None), "tracer", None)
+            if tracer is not None and tracer.programs:
+                results.setdefault("export_s", {})[str(batch)] = [round(p.trace_seconds, 3) for p in tracer.programs]
+            times = {name: [] for name in names}
+            for _ in range(args.repeats):      # interleaved, so machine noise hits every entry alike
+                for name, run in runners.items():
+                    start = time.perf_counter()
+                    run()
+                    times[name].append(time.perf_counter() - start)
+            del runners
+            lxt = None
+            if lxt_folder is not None:         # its own process, right after relprop's loop on the same inputs
+                lxt = measure_lxt(args.lxt_python, lxt_folder.name, args.model, batch, length, args.repeats,
+                                  args.device)
+                times[LXT] = [lxt["median_s"]]
+            base_time = statistics.median(times["forward+backward"])
+            base_mem = None if args.no_memory else memory("forward+backward", batch, length)
+            for name in times:
+                median = statistics.median(times[name])
+                row = {"batch": batch, "method": name, "median_s": median, "per_image_s": median / batch,
+                       "time_ratio": median / base_time}
+                if length is not None:
+                    row["length"] = length
+                if base_mem is not None:
+                    mem = {"forward+backward": base_mem, LXT: lxt and lxt["peak_bytes"]}.get(name)
+                    mem = memory(name, batch, length) if mem is None else mem
+                    row.update(peak_mib=mem / 2**20, memory_ratio=mem / base_mem)
+                results["rows"].append(row)
+                print(json.dumps(row), flush=True)
+            if lxt is not None:
+                add_lxt_ratios(results["rows"])
     results["load_average_after"] = os.getloadavg()
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
@@ -419,12 +535,56 @@ def main() -> None:
     print(markdown_table(results["rows"]))
 
 
+LXT_FAMILIES = {"llama-long": "llama", "bert-base-512": "bert"}     # bench model -> LXT's patch module
+LXT_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lxt_attnlrp.py")
+
+
+def lxt_versions(python: str) -> dict:
+    out = subprocess.run([python, LXT_CHILD, "--versions"], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure_lxt(python: str, folder: str, model_name: str, batch: int, length: int, repeats: int,
+                device: str) -> dict:
+    """LXT's AttnLRP (gradient x input at the word embeddings of its patched model) on the saved
+    weights and the same inputs and target as relprop's rows, in the LXT environment's python:
+    median seconds of ``repeats`` calls after one warm-up, and peak memory above the loaded model."""
+    bench = MODELS[model_name]
+    inputs = bench.inputs(batch, "cpu", length)
+    torch.save({**inputs, "target": bench.target(batch, "cpu")}, os.path.join(folder, "bench_inputs.pt"))
+    out = subprocess.run([python, LXT_CHILD, "--folder", folder, "--family", LXT_FAMILIES[model_name],
+                          "--repeats", str(repeats), "--device", device],
+                         capture_output=True, text=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    if out.returncode != 0:
+        raise SystemExit(f"the LXT run failed (--lxt-python {python}):\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def add_lxt_ratios(rows) -> None:
+    """On each ``attnlrp`` row that has an LXT row of the same shape: relprop's time and memory ÷ LXT's."""
+    lxt = {(r["batch"], r.get("length")): r for r in rows if r["method"] == LXT}
+    for row in rows:
+        theirs = lxt.get((row["batch"], row.get("length")))
+        if row["method"] == "attnlrp" and theirs:
+            row["time_vs_lxt"] = row["median_s"] / theirs["median_s"]
+            if "peak_mib" in row:
+                row["memory_vs_lxt"] = row["peak_mib"] / theirs["peak_mib"]
+
+
 def markdown_table(rows) -> str:
-    lines = ["| batch | method | median s | s / image | time ÷ fwd+bwd | peak MiB | memory ÷ fwd+bwd |",
-             "|---|---|---|---|---|---|---|"]
+    long = any("length" in r for r in rows)
+    lxt = any("time_vs_lxt" in r for r in rows)
+    head = ["tokens"] * long + ["batch", "method", "median s", "s / image", "time ÷ fwd+bwd", "peak MiB",
+                                "memory ÷ fwd+bwd"] + ["time ÷ LXT", "memory ÷ LXT"] * lxt
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    nan = float("nan")
     for r in rows:
-        lines.append(f"| {r['batch']} | {r['method']} | {r['median_s']:.3f} | {r['per_image_s']:.3f} | "
-                     f"{r['time_ratio']:.2f} | {r.get('peak_mib', float('nan')):.0f} | {r.get('memory_ratio', float('nan')):.2f} |")
+        cells = [str(r.get("length"))] * long + [
+            str(r["batch"]), r["method"], f"{r['median_s']:.3f}", f"{r['per_image_s']:.3f}", f"{r['time_ratio']:.2f}",
+            f"{r.get('peak_mib', nan):.0f}", f"{r.get('memory_ratio', nan):.2f}"]
+        if lxt:
+            cells += [f"{r['time_vs_lxt']:.2f}", f"{r.get('memory_vs_lxt', nan):.2f}"] if "time_vs_lxt" in r else ["", ""]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
