@@ -13,7 +13,7 @@ ALL_METHODS = relprop.methods()
 
 def test_methods_registered():
     assert set(ALL_METHODS) == {"transformer_attribution", "rollout", "raw_attention", "attn_gradcam",
-                                "partial_lrp", "lrp", "grad_rollout"}
+                                "partial_lrp", "lrp", "grad_rollout", "attnlrp", "cp_lrp"}
 
 
 def test_methods_function_does_not_shadow_a_subpackage():

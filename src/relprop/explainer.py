@@ -459,7 +459,7 @@ class Explainer:
         if target is None:
             return logits.argmax(dim=1)
         if isinstance(target, (str, numbers.Integral)):
-            index = torch.full((batch,), self.class_index(target if isinstance(target, str) else int(target)),
+            index = torch.full((batch,), self.class_index(cast(Union[int, str], target)),   # bools refused there
                                dtype=torch.long, device=logits.device)
         else:
             if not isinstance(target, torch.Tensor) and _has_names(target):   # names, or names and indices
