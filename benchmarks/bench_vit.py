@@ -363,7 +363,8 @@ def reset_peak_rss() -> None:
         refs.write("5")
 
 
-def _rss(field: str) -> int:
+def rss_bytes(field: str) -> int:
+    """A ``/proc/self/status`` memory field (``"VmRSS:"``, ``"VmHWM:"``) in bytes."""
     with open("/proc/self/status") as status:
         for line in status:
             if line.startswith(field):
@@ -387,11 +388,11 @@ def peak_memory_child(model_name: str, name: str, batch: int, reference_path: st
     if name not in ("forward+backward", INPUT_GRADIENT, REFERENCE):
         # the export (paid once per model; any text length reuses it) is not part of a call's memory
         make_runner(model, name, 1, reference_lrp, baseline, 16 if MODELS[model_name].text else None)()
-    before = _rss("VmRSS:")
+    before = rss_bytes("VmRSS:")
     reset_peak_rss()
     run()
     run()
-    print(json.dumps({"peak_bytes": _rss("VmHWM:") - before}))
+    print(json.dumps({"peak_bytes": rss_bytes("VmHWM:") - before}))
 
 
 def measure_memory(model_name: str, name: str, batch: int, reference_path: str | None = None,

@@ -2,7 +2,7 @@
 
 Runs in LXT's own virtual environment (``pip install lxt==2.1 transformers==4.57.6``; LXT imports
 only with ``transformers`` 4.x and is never a relprop dependency), started by ``bench_vit.py
---lxt-python PYTHON``; it imports nothing of relprop. As LXT's README does: patch the family's
+--lxt-python PYTHON``; it imports nothing of relprop (only the runner's memory helpers). As LXT's README does: patch the family's
 ``transformers`` module (``lxt.efficient.monkey_patch(modeling_llama, patch_map=llama.attnLRP)``)
 before loading the ``save_pretrained`` folder, then gradient x input at ``inputs_embeds`` (the
 word-embedding output) of the target logit (for a causal LM the next-token logit at the last
@@ -18,13 +18,11 @@ import os
 import statistics
 import time
 
+# the runner's memory helpers (bench_vit imports relprop only inside its functions; this script
+# runs from benchmarks/, so the sibling module is importable in LXT's environment)
+from bench_vit import reset_peak_rss, rss_bytes
 
-def _rss(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
+
 
 
 def main() -> None:
@@ -78,16 +76,15 @@ def main() -> None:
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     else:
-        before = _rss("VmRSS:")
-        with open("/proc/self/clear_refs", "w") as refs:   # VmHWM anew: loading's transient peak is not the call's
-            refs.write("5")
+        before = rss_bytes("VmRSS:")
+        reset_peak_rss()                                    # loading's transient peak is not the call's
     run()                                                   # warm-up
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
         relevance = run()
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() - before if cuda else _rss("VmHWM:") - before
+    peak = torch.cuda.max_memory_allocated() - before if cuda else rss_bytes("VmHWM:") - before
     print(json.dumps({"median_s": statistics.median(times), "times_s": times, "peak_bytes": peak,
                       "relevance_sum": relevance.sum(-1).tolist(), "threads": torch.get_num_threads()}))
 

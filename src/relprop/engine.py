@@ -57,17 +57,17 @@ def _resolve(obj, values):
     return obj
 
 
-def _in_dtype(obj, dtype, model_dtype=None):
+def _in_dtype(obj, dtype):
     """Floating dtypes baked into the graph (casts, ``arange(dtype=float32)``) become the compute
-    dtype (``model_dtype`` given: only that one). The engine passes none: every value of an
-    explanation is in one dtype, so a float64 explanation also computes in float64 what the model
-    itself computes in float32 (an eager softmax, Llama's RMSNorm and rotary tables)."""
+    dtype: every value of an explanation is in one dtype, so a float64 explanation also computes
+    in float64 what the model itself computes in float32 (an eager softmax, Llama's RMSNorm and
+    rotary tables)."""
     if isinstance(obj, torch.dtype):
-        return dtype if obj.is_floating_point and (model_dtype is None or obj == model_dtype) else obj
+        return dtype if obj.is_floating_point else obj
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_in_dtype(o, dtype, model_dtype) for o in obj)
+        return type(obj)(_in_dtype(o, dtype) for o in obj)
     if isinstance(obj, dict):
-        return {k: _in_dtype(v, dtype, model_dtype) for k, v in obj.items()}
+        return {k: _in_dtype(v, dtype) for k, v in obj.items()}
     return obj
 
 
@@ -86,6 +86,11 @@ def attention_bias(mask: Optional[torch.Tensor], is_causal: bool, q: torch.Tenso
     return bias
 
 
+def head_groups(q: torch.Tensor, k: torch.Tensor, enable_gqa) -> int:
+    """Query heads per key-value head of an SDPA call (grouped-query attention), else 1."""
+    return q.shape[-3] // k.shape[-3] if enable_gqa else 1
+
+
 def repeat_heads(k: torch.Tensor, groups: int) -> torch.Tensor:
     return k if groups == 1 else k.repeat_interleave(groups, dim=-3)
 
@@ -93,7 +98,7 @@ def repeat_heads(k: torch.Tensor, groups: int) -> torch.Tensor:
 def _attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False,
                grad_leaf=False):
     """SDPA with explicit probabilities (dropout is an inference no-op)."""
-    groups = q.shape[-3] // k.shape[-3] if enable_gqa else 1
+    groups = head_groups(q, k, enable_gqa)
     k, v = repeat_heads(k, groups), repeat_heads(v, groups)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q @ k.transpose(-1, -2)) * scale

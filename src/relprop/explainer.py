@@ -340,6 +340,11 @@ class Explainer:
                 scores = scores.masked_fill(~valid, 0)
         return scores, output, target_index
 
+    def _word_embedding_path(self) -> str:
+        """The module path of the model's word embedding (``get_input_embeddings()``)."""
+        word = self.model.get_input_embeddings()
+        return next(name for name, module in self.model.named_modules() if module is word)
+
     def _token_point(self, program: Program) -> int:
         """The step whose relevance, summed over the hidden dimension, is a token's: the word
         embedding lookup (text: position and token-type embeddings keep their own share), or
@@ -351,8 +356,7 @@ class Explainer:
                 raise UnsupportedModelError(f"cannot find the patch embedding of {type(self.model).__name__} "
                                             "in its exported graph")
             return convs[0]
-        word = self.model.get_input_embeddings()
-        path = next(name for name, module in self.model.named_modules() if module is word)
+        path = self._word_embedding_path()
         lookups = [s.index for s in program.steps if s.kind == "embedding" and s.data
                    and s.module.split(" ")[0] == path]
         if not lookups:
@@ -410,8 +414,7 @@ class Explainer:
         where the authors' text code stops."""
         if self.family.modality == "image":
             return next(i for i, what, name in program.inputs if what == "input" and name == self.family.pixel_input)
-        word = self.model.get_input_embeddings()
-        word_path = next(name for name, module in self.model.named_modules() if module is word)
+        word_path = self._word_embedding_path()
         path = word_path.rpartition(".")[0]
 
         def inside_of(path):
@@ -600,7 +603,7 @@ def _attention_grad(fwd: engine.Pass, site: int, out_grad: torch.Tensor) -> torc
     """∇A of a fused SDPA site from its output's gradient: O = A·V, so ∇A = ∇O · Vᵀ."""
     step = fwd.program.steps[fwd.program.attention_sites[site]]
     q, k, v = (fwd.values[a.index] for a in step.args[:3])
-    groups = q.shape[-3] // k.shape[-3] if step.kwargs.get("enable_gqa") else 1
+    groups = engine.head_groups(q, k, step.kwargs.get("enable_gqa"))
     return out_grad @ engine.repeat_heads(v, groups).transpose(-1, -2)
 
 

@@ -148,8 +148,7 @@ def _norm_with_constant_scale(call: Call):
 
 
 def refuse_data_division(call: Call):
-    if len(call.carrying()) >= 2 or (len(call.args) > 1 and isinstance(call.args[1], torch.Tensor)
-                                     and call.args[1].requires_grad):
+    if 1 in call.carrying():                 # the divisor carries relevance
         raise UnsupportedModelError(f"no AttnLRP/CP-LRP rule for {call.step.where()}: a division by a tensor "
                                     "that carries relevance")
     return call.run()

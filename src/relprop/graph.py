@@ -127,7 +127,6 @@ class Program:
     constants: dict[str, Any]
     trace_seconds: float = 0.0
     input_kinds: dict = field(default_factory=dict)    # input name -> (dtype, device type) it was exported for
-    dtype: Optional[torch.dtype] = None      # the model's floating dtype at the export (None: unknown)
 
     def matches(self, shapes: dict[str, tuple]) -> bool:
         if set(shapes) != set(self.signature):
@@ -454,7 +453,6 @@ class Tracer:
         program = build_program(exported, list(inputs))
         program.trace_seconds = time.perf_counter() - start
         program.input_kinds = {name: (t.dtype, t.device.type) for name, t in inputs.items()}
-        program.dtype = dtype
         self.programs.append(program)
         if self.on_trace is not None:
             self.on_trace(program)

@@ -297,13 +297,13 @@ def attention(ctx, relevance):
     args = ctx.args()
     kwargs = ctx.kwargs()
     q, k, v = args[:3]
-    from .engine import _attention, repeat_heads
+    from .engine import _attention, head_groups, repeat_heads
     site = ctx.fwd.site_of_step[ctx.step.index]
     probabilities, bias = ctx.fwd.attention[site], ctx.fwd.bias.get(ctx.step.index)
     if probabilities is None:           # a fused forward kept no A: recompute this block's
         _, probabilities, bias = _attention(*args, **kwargs)
     probabilities = probabilities.detach()
-    groups = q.shape[-3] // k.shape[-3] if kwargs.get("enable_gqa") else 1
+    groups = head_groups(q, k, kwargs.get("enable_gqa"))
     k_full, v_full = repeat_heads(k, groups), repeat_heads(v, groups)
     rel_probabilities, rel_v = matmul_rule(probabilities, v_full, relevance)
     ctx.relevance.record(site, rel_probabilities)
