@@ -6,13 +6,17 @@ relevant first:
 
 1. **Greedy in the map's order.** Remove the 0, 1, 2, ... most relevant units until the
    decision flips; ``greedy`` is that count (what the benchmark reports as a fraction of the
-   input). The candidates are forwarded in batches (8, 16, 32, ... up to ``batch_size`` at a
-   time), so an early flip costs few forwards.
+   input). The prefixes are tried in growing chunks (4, 4, 8, 8, 16, 16, ...), so an early
+   flip costs few forwards and a late one few rounds.
 2. **Prune.** A removed unit whose restoration keeps the flip is not needed. Each round
    forwards every single restoration of the current set in one batch, then restores the
    dispensable units cumulatively, least relevant first, as far as the flip holds (a second
    batch). Rounds repeat until no single unit can be restored: the result is *1-minimal*
    (restoring any one of its units undoes the flip), not necessarily the smallest set of all.
+
+``search_removals`` runs the searches of several samples in step and forwards the candidates
+of all of them together, ``batch_size`` at a time (a batch of images or texts costs a few
+large forwards instead of many small ones).
 
 "Flip" means the top-1 class is no longer the explained class (``to=None``), or that class
 ``to`` is the top-1 class ("make a chosen class win"). When removing every unit does not
@@ -27,7 +31,7 @@ relevance is the max over its sub-words).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Generator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -36,7 +40,7 @@ from .errors import InputError
 
 #: forwards(removed [K, n] bool) -> logits [K, classes]
 Forward = Callable[[np.ndarray], torch.Tensor]
-FIRST_CHUNK = 8
+FIRST_CHUNK = 4
 
 
 def removal_order(scores: np.ndarray) -> np.ndarray:
@@ -79,7 +83,7 @@ class Search:
                 "forwards": self.forwards}
 
 
-def search_removal(scores: np.ndarray, forward: Forward, explained: int, to: Optional[int] = None,
+def search_removal(scores: np.ndarray, forward: Forward, explained: Optional[int] = None, to: Optional[int] = None,
                    batch_size: int = 64, prune: bool = True) -> Search:
     """Greedy-then-pruned removal search over ``len(scores)`` units (see the module notes).
 
@@ -87,78 +91,104 @@ def search_removal(scores: np.ndarray, forward: Forward, explained: int, to: Opt
     ----------
     scores : one relevance score per unit; higher is removed first.
     forward : removed ([K, n] bool, True = unit removed) -> logits [K, classes].
-    explained : the explained class; without ``to`` the decision flips when it stops being top-1.
+    explained : the explained class (default: the top-1 class of the whole input); without ``to``
+        the decision flips when it stops being top-1.
     to : the class that must become top-1 instead.
     batch_size : most candidates per ``forward`` call.
     prune : False keeps the greedy prefix as it is.
     """
+    def forward_many(requests: Sequence[tuple[int, np.ndarray]]) -> torch.Tensor:
+        return forward(np.stack([row for _, row in requests]))
+
+    return search_removals([scores], forward_many, [explained], to, batch_size, prune)[0]
+
+
+#: forward(requests: [(sample index, removed [n_sample] bool), ...]) -> logits [len(requests), classes]
+ManyForward = Callable[[Sequence[tuple[int, np.ndarray]]], torch.Tensor]
+
+
+def search_removals(scores: Sequence[np.ndarray], forward: ManyForward, explained: Sequence[Optional[int]],
+                    to: Optional[int] = None, batch_size: int = 64, prune: bool = True) -> list[Search]:
+    """`search_removal` for several samples at once: their searches run in step, and the
+    candidates of all samples go through ``forward`` together, ``batch_size`` at a time."""
+    steps = [_search(np.asarray(s), e, to, prune) for s, e in zip(scores, explained)]
+    results: list[Optional[Search]] = [None] * len(steps)
+    pending = {i: next(step) for i, step in enumerate(steps)}
+    while pending:
+        requests = [(i, row) for i, rows in pending.items() for row in rows]
+        logits = torch.cat([forward(requests[j:j + batch_size]).detach().float().cpu()
+                            for j in range(0, len(requests), batch_size)])
+        asked, offset = pending, 0
+        pending = {}
+        for i, rows in asked.items():
+            try:
+                pending[i] = steps[i].send(logits[offset:offset + len(rows)])
+            except StopIteration as done:
+                results[i] = done.value
+            offset += len(rows)
+    return [r for r in results if r is not None]
+
+
+def _search(scores: np.ndarray, explained: Optional[int], to: Optional[int],
+            prune: bool) -> Generator[np.ndarray, torch.Tensor, Search]:
+    """One sample's search: yields candidate rows (removed [K, n] bool), receives their logits."""
     order = removal_order(scores)
     n = order.size
     if n == 0:
         raise InputError("nothing to remove: the input has no units")
-    count = [0]
-
-    def run(rows: np.ndarray) -> torch.Tensor:
-        count[0] += len(rows)
-        return torch.cat([forward(rows[i:i + batch_size]).detach().float().cpu()
-                          for i in range(0, len(rows), batch_size)])
+    forwards = 0
 
     def flips(logits: torch.Tensor) -> np.ndarray:
         top = logits.argmax(-1).numpy()
         return top == to if to is not None else top != explained
 
-    def prefix_rows(ks: Sequence[int]) -> np.ndarray:
-        rows = np.zeros((len(ks), n), dtype=bool)
-        for row, k in enumerate(ks):
-            rows[row, order[:k]] = True
-        return rows
-
-    original = run(np.zeros((1, n), dtype=bool))[0]
-    greedy, size, k = None, FIRST_CHUNK, 0
+    greedy, k, rounds = None, 0, 0
+    original = final = torch.empty(0)
     while k <= n and greedy is None:                      # k = 0 too: already flipped needs no removal
+        size = FIRST_CHUNK << (rounds // 2)               # 4, 4, 8, 8, 16, 16, ... prefixes a round
         ks = list(range(k, min(n, k + size - 1) + 1))
-        hit = np.flatnonzero(flips(run(prefix_rows(ks))))
+        rows = np.zeros((len(ks), n), dtype=bool)
+        for row, count in enumerate(ks):
+            rows[row, order[:count]] = True
+        logits = yield rows
+        forwards += len(ks)
+        if k == 0:
+            original = logits[0]
+            if explained is None:
+                explained = int(original.argmax())
+        hit = np.flatnonzero(flips(logits))
         if hit.size:
             greedy = ks[int(hit[0])]
-        k, size = ks[-1] + 1, min(2 * size, batch_size)
-    removed = list(order[:greedy]) if greedy is not None else []
-    if greedy is not None and prune:
-        removed = _prune(removed, n, run, flips)
-    final = np.zeros((1, n), dtype=bool)
-    final[0, removed if greedy is not None else order] = True
-    after = run(final)[0]
+        final = logits[int(hit[0])] if hit.size else logits[-1]
+        k, rounds = ks[-1] + 1, rounds + 1
+    removed = [int(u) for u in order[:greedy]] if greedy is not None else []
+    while prune and removed:                              # restore what the flip does not need
+        base = np.zeros(n, dtype=bool)
+        base[removed] = True
+        singles = np.repeat(base[None], len(removed), axis=0)
+        singles[np.arange(len(removed)), removed] = False
+        logits = yield singles
+        forwards += len(removed)
+        spare = [u for u, ok in zip(removed, flips(logits)) if ok][::-1]     # least relevant first
+        if not spare:
+            break                                         # 1-minimal: no single unit can be restored
+        cumulative = np.repeat(base[None], len(spare), axis=0)
+        for row, unit in enumerate(spare):
+            cumulative[row:, unit] = False
+        logits = yield cumulative
+        forwards += len(spare)
+        still = flips(logits)
+        kept = len(spare) if still.all() else int(np.argmin(still))        # up to the first failure
+        if kept == 0:              # only if batched forwards disagree on a near-tie: keep the flip
+            break
+        final = logits[kept - 1]
+        removed = [u for u in removed if u not in set(spare[:kept])]
     rank = {int(u): i for i, u in enumerate(order)}
     return Search(n_units=n, order=[int(u) for u in order], flipped=greedy is not None, greedy=greedy,
-                  removed=sorted((int(u) for u in removed), key=rank.__getitem__) if greedy is not None else [],
+                  removed=sorted(removed, key=rank.__getitem__),
                   original_class=int(original.argmax()), original_probabilities=original.double().softmax(-1).tolist(),
-                  new_class=int(after.argmax()), new_probabilities=after.double().softmax(-1).tolist(),
-                  forwards=count[0])
-
-
-def _prune(removed: list, n: int, run: Callable[[np.ndarray], torch.Tensor],
-           flips: Callable[[torch.Tensor], np.ndarray]) -> list:
-    """Restore units of ``removed`` (most relevant first) while the flip holds, until no single
-    unit can be restored (1-minimal)."""
-    current = list(removed)
-    while current:
-        base = np.zeros(n, dtype=bool)
-        base[current] = True
-        singles = np.repeat(base[None], len(current), axis=0)
-        singles[np.arange(len(current)), current] = False
-        spare = [u for u, ok in zip(current, flips(run(singles))) if ok]
-        if not spare:
-            break
-        spare.reverse()                                    # least relevant first
-        cumulative = np.repeat(base[None], len(spare), axis=0)
-        for row in range(len(spare)):
-            cumulative[row:, spare[row]] = False
-        still = flips(run(cumulative))
-        keep_going = len(spare) if still.all() else int(np.argmin(still))  # up to the first failure
-        if keep_going == 0:          # only if batched forwards disagree on a near-tie: keep the flip
-            break
-        restored = set(spare[:keep_going])
-        current = [u for u in current if u not in restored]
-    return current
+                  new_class=int(final.argmax()), new_probabilities=final.double().softmax(-1).tolist(),
+                  forwards=forwards)
 
 
 # ------------------------------------------------------------------ images
@@ -174,17 +204,18 @@ def patch_scores(explanation: Any, image_size: tuple[int, int], grid: tuple[int,
                                                           patch_size=height // grid[0]))
 
 
-def patch_forward(logits_of: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor,
-                  replacement: torch.Tensor, grid: tuple[int, int]) -> Forward:
-    """``Forward`` over the patches of one [3, H, W] image in [0, 1]: removed patches take
-    ``replacement``'s pixels. ``logits_of`` gets the [K, 3, H, W] images in [0, 1]."""
+def patch_forward(logits_of: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                  replacement: torch.Tensor, grid: tuple[int, int]) -> ManyForward:
+    """``ManyForward`` over the patches of a [B, 3, H, W] batch of images in [0, 1]: removed
+    patches take ``replacement``'s pixels ([B, 3, H, W]). ``logits_of`` gets [K, 3, H, W] in [0, 1]."""
     from .eval.perturbation import expand_cells
 
-    def forward(removed: np.ndarray) -> torch.Tensor:
-        cells = torch.from_numpy(removed).to(image.device).reshape(len(removed), 1, *grid)
-        pixels = expand_cells(cells, tuple(image.shape[-2:]))
+    def forward(requests: Sequence[tuple[int, np.ndarray]]) -> torch.Tensor:
+        owners = torch.tensor([i for i, _ in requests], device=images.device)
+        cells = torch.from_numpy(np.stack([row for _, row in requests])).to(images.device)
+        pixels = expand_cells(cells.reshape(len(requests), 1, *grid), tuple(images.shape[-2:]))
         with torch.no_grad():
-            return logits_of(torch.where(pixels, replacement, image))
+            return logits_of(torch.where(pixels, replacement[owners], images[owners]))
 
     return forward
 
@@ -217,12 +248,10 @@ def image_counterfactuals(explainer: Any, images: torch.Tensor, normalization: C
     grid = result.grid or _model_grid(explainer, size)
     scores = patch_scores(result, size, grid).cpu()
     fill = torch.as_tensor(replacement, dtype=images.dtype, device=images.device).expand_as(images)
-    out = []
-    for i in range(len(images)):
-        forward = patch_forward(lambda x: explainer.logits(normalization(x)), images[i], fill[i], grid)
-        search = search_removal(scores[i].flatten().numpy(), forward, int(result.target[i]), to, batch_size, prune)
-        out.append(ImageCounterfactual(search, grid, scores[i].numpy()))
-    return out
+    forward = patch_forward(lambda x: explainer.logits(normalization(x)), images, fill, grid)
+    searches = search_removals([row.flatten().numpy() for row in scores], forward, result.target.tolist(), to,
+                               batch_size, prune)
+    return [ImageCounterfactual(search, grid, row.numpy()) for search, row in zip(searches, scores)]
 
 
 def _model_grid(explainer: Any, size: tuple[int, int]) -> tuple[int, int]:
@@ -292,48 +321,46 @@ class TextCounterfactual:
                 "labels": {str(k): v for k, v in self.labels.items()}, **self.search.to_json()}
 
 
-def word_forward(explainer: Any, tokenizer: Any, text: str, max_length: int) -> tuple[Forward, int]:
-    """``Forward`` over the words of ``text`` (deleting a removed word's tokens) and the number
-    of words (those within the model's length)."""
-    encoded = tokenizer(text, truncation=True, max_length=max_length)
-    ids, word_ids = encoded["input_ids"], encoded.word_ids()
+def word_forward(explainer: Any, tokenizer: Any, texts: Sequence[str], max_length: int) -> tuple[ManyForward, list[int]]:
+    """``ManyForward`` over the words of ``texts`` (a removed word's tokens are deleted; special
+    tokens stay) and each text's number of words (those within the model's length)."""
     special = set(tokenizer.all_special_ids)
-    words = sorted({w for w, t in zip(word_ids, ids) if w is not None and t not in special})
-    unit_of = {w: i for i, w in enumerate(words)}
-    units = np.array([unit_of.get(w, -1) if w is not None and t not in special else -1
-                      for w, t in zip(word_ids, ids)])
+    encoded = [tokenizer(text, truncation=True, max_length=max_length) for text in texts]
+    tokens, counts = [], []
+    for enc in encoded:
+        ids, word_ids = enc["input_ids"], enc.word_ids()
+        words = sorted({w for w, t in zip(word_ids, ids) if w is not None and t not in special})
+        unit_of = {w: i for i, w in enumerate(words)}
+        tokens.append([(t, unit_of[w] if w is not None and t not in special else -1) for t, w in zip(ids, word_ids)])
+        counts.append(len(words))
     pad = tokenizer.pad_token_id or 0
+    with_types = any("token_type_ids" in enc for enc in encoded)
 
-    def forward(removed: np.ndarray) -> torch.Tensor:
-        kept = [[t for t, u in zip(ids, units) if u < 0 or not row[u]] for row in removed]
+    def forward(requests: Sequence[tuple[int, np.ndarray]]) -> torch.Tensor:
+        kept = [[t for t, u in tokens[i] if u < 0 or not row[u]] for i, row in requests]
         width = max(len(k) for k in kept)
         batch = {"input_ids": torch.tensor([k + [pad] * (width - len(k)) for k in kept]),
                  "attention_mask": torch.tensor([[1] * len(k) + [0] * (width - len(k)) for k in kept])}
-        if "token_type_ids" in encoded:
+        if with_types:
             batch["token_type_ids"] = torch.zeros_like(batch["input_ids"])
         return explainer.logits(batch)
 
-    return forward, len(words)
+    return forward, counts
 
 
 def text_counterfactuals(explainer: Any, tokenizer: Any, texts: Union[str, Sequence[str]],
                          method: str = "transformer_attribution", target: Any = None, to: Optional[int] = None,
-                         batch_size: int = 64, prune: bool = True, scores: Optional[Sequence[np.ndarray]] = None,
-                         **options: Any) -> list[TextCounterfactual]:
+                         batch_size: int = 64, prune: bool = True, **options: Any) -> list[TextCounterfactual]:
     """Counterfactuals of texts: per text, the words to delete, ranked by ``method``'s word
-    relevance for ``target`` (default: the prediction). ``scores`` (one array per text, one
-    score per word) replaces the map's order, e.g. a random baseline."""
+    relevance (the max over a word's sub-words) for ``target`` (default: the prediction)."""
     from .text.explain import _max_length, explain_text
 
     texts = [texts] if isinstance(texts, str) else list(texts)
     explanations = explain_text(explainer, tokenizer, texts, method, target=target, **options)
-    max_length = _max_length(explainer.model, tokenizer)
-    out = []
-    for i, exp in enumerate(explanations):
-        forward, n_words = word_forward(explainer, tokenizer, exp.text, max_length)
-        if n_words != len(exp.words):
-            raise InputError(f"{n_words} words to remove but {len(exp.words)} explained in {exp.text[:40]!r}")
-        ranking = np.array([w.relevance for w in exp.words]) if scores is None else np.asarray(scores[i])
-        search = search_removal(ranking, forward, exp.target, to, batch_size, prune)
-        out.append(TextCounterfactual(exp, search, dict(explainer.labels)))
-    return out
+    forward, counts = word_forward(explainer, tokenizer, texts, _max_length(explainer.model, tokenizer))
+    for exp, count in zip(explanations, counts):
+        if count != len(exp.words):
+            raise InputError(f"{count} words to remove but {len(exp.words)} explained in {exp.text[:40]!r}")
+    searches = search_removals([np.array([w.relevance for w in exp.words]) for exp in explanations], forward,
+                               [exp.target for exp in explanations], to, batch_size, prune)
+    return [TextCounterfactual(exp, search, dict(explainer.labels)) for exp, search in zip(explanations, searches)]
