@@ -135,7 +135,9 @@ def test_localize_cli_end_to_end(tmp_path, capsys):
     Image.fromarray(image).save(path)
     out = tmp_path / "out"
     assert main(["localize", str(path), "--model", str(FASHION_MODEL), "--out", str(out)]) == 0
-    [entry] = json.loads((out / "localize.json").read_text())["localizations"]
+    [found] = out.glob("*.json")
+    entry = json.loads(found.read_text())
+    assert found.name == "canvas_transformer_attribution_class9_Ankle_boot_localize.json"
     assert entry["threshold"] == "mean" and entry["class"] == label
     x0, y0, x1, y1 = entry["box"]
     truth = mask_box(mask, "tight")

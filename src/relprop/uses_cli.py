@@ -3,10 +3,10 @@ weak localisation (mask and box) and counterfactuals (what to remove to change t
 
 Outputs (in ``--out``, default ``relprop-out``):
 
-* localize: per image ``<name>_<method>_localize.png`` (the map | the image with the mask
-  tinted and the box drawn) and one ``localize.json`` for all images (class, box, mask size).
-* counterfactual, images: per image ``<name>_<method>_counterfactual.png`` (original | with the
-  removed patches | probabilities before and after) and ``counterfactual.json``.
+* localize: per image ``<name>_<method>_class<C>_<label>_localize.png`` (the map | the image
+  with the mask tinted and the box drawn) and ``.json`` beside it (class, box, mask size).
+* counterfactual, images: per image ``<name>_<method>_class<C>_<label>_counterfactual.png``
+  (original | with the removed patches | probabilities before and after) and ``.json``.
 * counterfactual, text (``--text``): the sentence with the removed words struck out and the
   counterfactual in words on stdout; ``counterfactual.json`` with ``--out``.
 """
@@ -140,40 +140,49 @@ def localization_panel(display: np.ndarray, relevance_map: np.ndarray, mask: np.
 
 
 def run_localize(args) -> int:
-    from .cli import _parse_target
-    from .files import atomic_write_text, output_dir
+    from .cli import _output_name, _parse_target
+    from .files import output_dir
     from .localize import localize
-    from .visualize import save_png
 
     out = output_dir(args.out)
     explainer, preprocess, loaded, failed = _load_images(args, args.images)
     labels = explainer.labels
     target = _parse_target(args.target, labels)
-    entries = []
+    done = 0
     for item, pixels in loaded:
         result = explainer.explain(pixels, args.method, target=target)
         relevance = result.upsampled()[0].detach().float().cpu()
         found = localize(relevance, args.threshold, args.box)
         display = preprocess.to_display(pixels)[0]
-        name = f"{item.label}_{args.method}_localize.png"
-        try:
-            save_png(out / name, localization_panel(display, relevance.numpy(), found.mask, found.box))
-        except OSError as error:
-            print(f"error: {item.given}: cannot write {out / name}: {error.strerror or error}", file=sys.stderr)
-            failed.append(item.given)
-            continue
         cls = int(result.target[0])
+        name = _output_name(item, args.method, cls, labels) + "_localize"
         probability = float(result.logits[0].double().softmax(-1)[cls])
-        entries.append({"image": item.given, "png": name, "method": args.method, "class": cls,
-                        "class_label": _label(labels, cls), "probability": probability,
-                        "image_size": list(display.shape[:2]), **found.to_json()})
+        entry = {"image": item.given, "png": f"{name}.png", "method": args.method, "class": cls,
+                 "class_label": _label(labels, cls), "probability": probability,
+                 "image_size": list(display.shape[:2]), **found.to_json()}
+        if not _write(out, name, localization_panel(display, relevance.numpy(), found.mask, found.box), entry, item,
+                      failed):
+            continue
+        done += 1
         where = "nothing (empty mask)" if found.box is None else f"box {list(found.box)}"
         print(f"{item.given}: {_label(labels, cls)} ({probability:.3f}) -> {where}, "
-              f"{100 * found.mask.mean():.1f}% of the image -> {out / name}")
-    if entries:
-        atomic_write_text(out / "localize.json", json.dumps({"localizations": entries}, indent=1) + "\n")
-        print(f"wrote {len(entries)} localization{'s' * (len(entries) != 1)} to {out / 'localize.json'}")
-    return _finish(len(entries), failed)
+              f"{100 * found.mask.mean():.1f}% of the image -> {out / name}.png/.json")
+    return _finish(done, failed)
+
+
+def _write(out: Path, name: str, rgb: np.ndarray, entry: dict, item: Any, failed: list[str]) -> bool:
+    """``name``.png and ``name``.json in ``out``; an unwritable one is reported and counted as failed."""
+    from .files import atomic_write_text
+    from .visualize import save_png
+
+    try:
+        save_png(out / f"{name}.png", rgb)
+        atomic_write_text(out / f"{name}.json", json.dumps(entry, indent=1) + "\n")
+    except OSError as error:
+        print(f"error: {item.given}: cannot write {out / name}.*: {error.strerror or error}", file=sys.stderr)
+        failed.append(item.given)
+        return False
+    return True
 
 
 # ------------------------------------------------------------ counterfactual
@@ -233,10 +242,10 @@ def _class(value: Optional[str], labels: dict) -> Optional[int]:
 def _counterfactual_images(args) -> int:
     import torch
 
+    from .cli import _output_name
     from .counterfactual import image_counterfactuals
     from .eval.images import Normalization, blurred
-    from .files import atomic_write_text, output_dir
-    from .visualize import save_png
+    from .files import output_dir
 
     out = output_dir(args.out or "relprop-out")
     explainer, preprocess, loaded, failed = _load_images(args, args.images)
@@ -245,7 +254,7 @@ def _counterfactual_images(args) -> int:
     mean = preprocess.mean if preprocess.normalizes else [0.0, 0.0, 0.0]
     std = preprocess.std if preprocess.normalizes else [1.0, 1.0, 1.0]
     normalization = Normalization(tuple(mean), tuple(std))
-    entries = []
+    done = 0
     for item, pixels in loaded:
         images = pixels * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]   # [0, 1] space
         replacement: Any = args.replace
@@ -261,29 +270,23 @@ def _counterfactual_images(args) -> int:
         fill = torch.as_tensor(replacement, dtype=images.dtype).expand_as(images)
         shown_pixels = torch.where(torch.from_numpy(removed), fill, images)
         display, shown = preprocess.to_display(pixels)[0], _to_uint8(shown_pixels[0])
-        name = f"{item.label}_{args.method}_counterfactual.png"
-        try:
-            save_png(out / name, counterfactual_panel(display, shown, removed, cf.search, labels))
-        except OSError as error:
-            print(f"error: {item.given}: cannot write {out / name}: {error.strerror or error}", file=sys.stderr)
-            failed.append(item.given)
-            continue
         s = cf.search
-        entries.append({"image": item.given, "png": name, "method": args.method, "grid": list(cf.grid),
-                        "removed_patches": [[u // cf.grid[1], u % cf.grid[1]] for u in s.removed],
-                        "original_label": _label(labels, s.original_class), "new_label": _label(labels, s.new_class),
-                        **s.to_json()})
+        name = _output_name(item, args.method, s.original_class, labels) + "_counterfactual"
+        entry = {"image": item.given, "png": f"{name}.png", "method": args.method, "grid": list(cf.grid),
+                 "removed_patches": [[u // cf.grid[1], u % cf.grid[1]] for u in s.removed],
+                 "original_label": _label(labels, s.original_class), "new_label": _label(labels, s.new_class),
+                 **s.to_json()}
+        if not _write(out, name, counterfactual_panel(display, shown, removed, s, labels), entry, item, failed):
+            continue
+        done += 1
         if s.flipped:
             said = (f"removing {len(s.removed)} of {s.n_units} patches (greedy: {s.greedy}) turns "
                     f"{_label(labels, s.original_class)} ({s.original_probabilities[s.original_class]:.3f}) into "
                     f"{_label(labels, s.new_class)} ({s.new_probabilities[s.new_class]:.3f})")
         else:
             said = f"no counterfactual: with all {s.n_units} patches removed it is still {_label(labels, s.new_class)}"
-        print(f"{item.given}: {said} -> {out / name}")
-    if entries:
-        atomic_write_text(out / "counterfactual.json", json.dumps({"counterfactuals": entries}, indent=1) + "\n")
-        print(f"wrote {out / 'counterfactual.json'}")
-    return _finish(len(entries), failed)
+        print(f"{item.given}: {said} -> {out / name}.png/.json")
+    return _finish(done, failed)
 
 
 def _to_uint8(image) -> np.ndarray:
