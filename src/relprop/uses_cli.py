@@ -31,7 +31,7 @@ MIN_PANEL = 256          # small model inputs (64x64) are scaled up (nearest) to
 def register(subparsers: Any) -> None:
     from .attributions import method_names
     from .cli import positive_int
-    from .eval.cli import _replace
+    from .eval.perturbation import _replace
 
     loc = subparsers.add_parser("localize", help="weak localisation: a mask and a bounding box from the map",
                                 description="Threshold each image's map (mean: the paper's segmentation rule; "
