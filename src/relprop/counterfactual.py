@@ -304,8 +304,8 @@ class TextCounterfactual:
         s = self.search
         before = self._label(s.original_class, s.original_probabilities)
         if not s.flipped:
-            return (f"No counterfactual: even without all {s.n_units} words the model says "
-                    f"{self._label(s.new_class, s.new_probabilities)}, not another class than {before}.")
+            return (f"No counterfactual: even with all {s.n_units} words removed the model still says "
+                    f"{self._label(s.new_class, s.new_probabilities)} (on the whole text: {before}).")
         if not s.removed:
             return f"Nothing to remove: the model already says {self._label(s.new_class, s.new_probabilities)}."
         quoted = [f"'{w}'" for w in self.removed_words]

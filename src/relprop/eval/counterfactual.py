@@ -284,9 +284,9 @@ def summarise_counterfactual(records: Mapping[tuple, dict], ids: Sequence[str], 
 
 
 def markdown_table(summary: Mapping[str, Any]) -> str:
-    unit = summary["unit"]
-    lines = [f"| method | removed in map order before the flip (% of {unit}s, mean) ↓ | median | after pruning (%) ↓ "
-             f"| {unit}s removed (greedy / pruned, flipped samples) | no flip (%) | samples |",
+    units = "patches" if summary["unit"] == "patch" else "words"
+    lines = [f"| method | removed in map order before the flip (% of {units}, mean) ↓ | median | after pruning (%) ↓ "
+             f"| {units} removed (greedy / pruned, flipped samples) | no flip (%) | samples |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, r in summary["results"].items():
         if not r["n"]:
