@@ -19,8 +19,10 @@ of all of them together, ``batch_size`` at a time (a batch of images or texts co
 large forwards instead of many small ones).
 
 "Flip" means the top-1 class is no longer the explained class (``to=None``), or that class
-``to`` is the top-1 class ("make a chosen class win"). When removing every unit does not
-flip the decision there is no counterfactual (``flipped=False``).
+``to`` is the top-1 class ("make a chosen class win"). When no prefix of the map's order flips
+the decision (removing everything included) there is no counterfactual (``flipped=False``).
+The decision need not change monotonically (a prefix may flip it and a longer one flip it
+back), so whether a sample flips at all depends on the order, not only on the input.
 
 Removal: an image patch is replaced by a constant (0 in [0, 1] image space, the perturbation
 test's default) or by the image's blurred copy, everything else kept; a word is deleted from

@@ -13,8 +13,9 @@ Per sample and row the explained class is the model's prediction on the whole in
 decision flips when another class becomes top-1. Recorded: the number of units removed in the
 map's order at the first flip (``greedy``) and the size of the pruned, 1-minimal set
 (``removed``). Summary per row: mean greedy fraction (the benchmark's number), mean pruned
-fraction, median greedy fraction, and how often no flip happened at all (counted as fraction
-1.0 in the means). ``random_order`` (a uniformly random order, seeded by the sample id) is the
+fraction, median greedy fraction, and how often no prefix of the order flipped the decision
+(counted as fraction 1.0 in the means; it depends on the order, since removing more can flip
+the decision back). ``random_order`` (a uniformly random order, seeded by the sample id) is the
 orientation row.
 """
 
