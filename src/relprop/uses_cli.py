@@ -200,7 +200,8 @@ def counterfactual_panel(display: np.ndarray, shown: np.ndarray, removed: np.nda
     axes[1].imshow(shown, interpolation="nearest")
     if removed.any():
         axes[1].contour(removed.astype(float), levels=[0.5], colors=[np.array(REMOVED_COLOUR) / 255], linewidths=1.2)
-    share = f"{len(search.removed)} of {search.n_units} patches removed" if search.flipped else "no flip"
+    share = (f"{len(search.removed)} of {search.n_units} patches removed" if search.flipped
+             else f"no flip (shown: all {search.n_units} patches removed)")
     axes[1].set_title(share, fontsize=9)
     for ax in axes[:2]:
         ax.set_xticks([])
@@ -266,7 +267,7 @@ def _counterfactual_images(args) -> int:
         [cf] = image_counterfactuals(explainer, images, normalization, args.method, target=target, to=to,
                                      replacement=replacement, batch_size=args.batch_size, prune=not args.no_prune)
         size = tuple(images.shape[-2:])
-        removed = cf.removed_mask(size)
+        removed = cf.removed_mask(size) if cf.search.flipped else np.ones(size, dtype=bool)   # "after" = all removed
         fill = torch.as_tensor(replacement, dtype=images.dtype).expand_as(images)
         shown_pixels = torch.where(torch.from_numpy(removed), fill, images)
         display, shown = preprocess.to_display(pixels)[0], _to_uint8(shown_pixels[0])
@@ -284,7 +285,9 @@ def _counterfactual_images(args) -> int:
                     f"{_label(labels, s.original_class)} ({s.original_probabilities[s.original_class]:.3f}) into "
                     f"{_label(labels, s.new_class)} ({s.new_probabilities[s.new_class]:.3f})")
         else:
-            said = f"no counterfactual: with all {s.n_units} patches removed it is still {_label(labels, s.new_class)}"
+            goal = f"makes {_label(labels, to)} win" if to is not None else f"changes {_label(labels, s.original_class)}"
+            said = (f"no counterfactual: no prefix of the {s.n_units} patches in map order {goal} (with all "
+                    f"removed: {_label(labels, s.new_class)})")
         print(f"{item.given}: {said} -> {out / name}.png/.json")
     return _finish(done, failed)
 
