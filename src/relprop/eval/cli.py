@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -40,6 +41,8 @@ DEFAULT_METHODS = ("transformer_attribution", "rollout", "raw_attention", "attn_
 # Modules whose import registers their benchmarks (``register_benchmark``).
 BENCHMARK_MODULES = ("relprop.eval.perturbation", "relprop.eval.segmentation", "relprop.eval.class_specificity",
                      "relprop.eval.rationale", "relprop.eval.localization", "relprop.eval.counterfactual")
+# How long a rank other than 0 waits before failing (see ``_other_rank_exit``).
+OTHER_RANK_EXIT_DELAY_S = 5.0
 # The methods that --start-layer sets start_layer of.
 START_LAYER_METHODS = ("transformer_attribution", "rollout")
 
@@ -177,19 +180,30 @@ def run(args: argparse.Namespace) -> int:
         return _launch_torchrun(args)
     rank = int(os.environ.get("RANK", "0"))
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+        logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR,
                             format="%(levelname)s %(name)s: %(message)s")
     try:
         return _run(args)
     except SilentRankError as error:  # rank 0 prints it
-        return error.exit_code
+        return _other_rank_exit(error.exit_code)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; rerun the same command to resume (finished results are kept in "
                           f"{args.out})") from None
     except Exception as error:
-        if rank != 0:  # one line, once: rank 0 reports the failure
-            sys.exit(getattr(error, "exit_code", 1))
-        raise
+        if rank == 0:
+            raise
+        # Most errors happen on every rank alike: rank 0 reports them. One of this rank's own
+        # is reported by this rank, if rank 0 has not failed (and been stopped) meanwhile.
+        _other_rank_exit(0)
+        print(f"relprop: error (rank {rank}): {error}", file=sys.stderr)
+        sys.exit(getattr(error, "exit_code", 1))
+
+
+def _other_rank_exit(code: int) -> int:
+    """A rank other than 0 waits a moment before it fails: torchrun stops every rank when the
+    first one exits, and rank 0 must have printed the error line by then."""
+    time.sleep(OTHER_RANK_EXIT_DELAY_S)
+    return code
 
 
 def _run(args: argparse.Namespace) -> int:
