@@ -24,7 +24,7 @@ from eval_fakes import IMAGE_SIZE, make_tiny_vit, random_image
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the ranks through /proc")
 METHODS = ("rollout", "lrp")
-N_IMAGES = 12
+N_IMAGES = 16
 
 
 @pytest.fixture(scope="module")
@@ -86,20 +86,25 @@ def test_two_ranks_equal_one_process_and_a_killed_rank_resumes(setup, tmp_path):
     reference = sorted(lines(tmp_path / "single" / "perturbation.jsonl"))
     assert len(reference) == N_IMAGES * len(METHODS)
 
-    # Kill rank 1 once it has stored a record: torchrun stops rank 0 too.
+    # Once rank 1 has stored a record, freeze both ranks (so neither can finish meanwhile), kill
+    # rank 1 and let rank 0 go on: torchrun stops it.
     out = tmp_path / "dist"
     launch = torchrun(model_dir, images, out, launcher=True)
     deadline = time.time() + 120
     while time.time() < deadline and launch.poll() is None:
         path = rank_file(out, "perturbation", 1)
         if path.is_file() and path.stat().st_size:
-            pid = worker(launch.pid, 1)
-            if pid is not None:
-                os.kill(pid, signal.SIGKILL)
+            ranks = [worker(launch.pid, 1), worker(launch.pid, 0)]
+            if None not in ranks:
+                for pid in ranks:
+                    os.kill(pid, signal.SIGSTOP)
+                os.kill(ranks[0], signal.SIGKILL)
+                os.kill(ranks[1], signal.SIGCONT)
                 break
-        time.sleep(0.05)
+        time.sleep(0.01)
     _, err = launch.communicate(timeout=120)
-    assert launch.returncode != 0, err
+    assert launch.returncode == 1 and "Traceback" not in err, err
+    assert "relprop: error: processes were stopped (" in err and "rank 1 by signal 9 (SIGKILL)" in err, err
     assert not (out / "perturbation_summary.json").exists()
     left = [line for path in out.glob("perturbation*.jsonl") for line in lines(path)]
     assert 0 < len(left) < len(reference), "the kill came too late to test resuming"

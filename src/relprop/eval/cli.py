@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from ..cli import positive_int
-from ..errors import Interrupted, OptionError, UnknownMethodError, UsageError, did_you_mean
+from ..errors import Interrupted, OptionError, RunFailure, UnknownMethodError, UsageError, did_you_mean
 from ..files import output_dir
 from .runner import BENCHMARKS, Benchmark, SilentRankError, run_benchmark
 
@@ -266,9 +266,13 @@ def _launch_torchrun(args: argparse.Namespace) -> int:
     try:
         torchrun.run(launch)
     except ChildFailedError as failure:
-        failures = dict(failure.failures)
-        first = failures.get(0) or next(iter(failures.values()))
-        return first.exitcode if first.exitcode > 0 else 1
+        failures = dict(sorted(failure.failures.items()))
+        printed = [f.exitcode for f in failures.values() if f.exitcode > 0]  # these ranks said why
+        if printed:
+            return printed[0]
+        killed = ", ".join(f"rank {rank} by signal {-f.exitcode} ({f.signal_name()})" for rank, f in failures.items())
+        raise RunFailure(f"processes were stopped ({killed}); rerun the same command to resume (finished "
+                         f"results are kept in {args.out})") from None
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; rerun the same command to resume (finished results are kept in "
                           f"{args.out})") from None
