@@ -40,7 +40,7 @@ DEFAULT_METHODS = ("transformer_attribution", "rollout", "raw_attention", "attn_
                    "partial_lrp", "lrp", "grad_rollout", "attnlrp", "cp_lrp")
 # Modules whose import registers their benchmarks (``register_benchmark``).
 BENCHMARK_MODULES = ("relprop.eval.perturbation", "relprop.eval.segmentation", "relprop.eval.class_specificity",
-                     "relprop.eval.rationale")
+                     "relprop.eval.rationale", "relprop.eval.localization", "relprop.eval.counterfactual")
 # How long a rank other than 0 waits before failing (see ``_other_rank_exit``).
 OTHER_RANK_EXIT_DELAY_S = 5.0
 # The methods that --start-layer sets start_layer of.

@@ -111,11 +111,17 @@ def removal_masks(scores: torch.Tensor, fractions: Sequence[float], negative: bo
     for step, fraction in enumerate(fractions):
         idx = torch.topk(flat, int(h * w * fraction), dim=-1).indices
         masks[:, step].scatter_(-1, idx, True)
-    masks = masks.reshape(b, len(fractions), h, w)
+    return expand_cells(masks.reshape(b, len(fractions), h, w), image_size)
+
+
+def expand_cells(masks: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    """[..., h, w] -> [..., H, W]: each cell of a grid coarser than the image (a patch) expanded
+    to its block of pixels; a grid of the image's size is returned as it is."""
+    h, w = masks.shape[-2:]
     height, width = image_size
-    if (h, w) != (height, width):
-        masks = masks.repeat_interleave(height // h, dim=2).repeat_interleave(width // w, dim=3)
-    return masks
+    if (h, w) == (height, width):
+        return masks
+    return masks.repeat_interleave(height // h, dim=-2).repeat_interleave(width // w, dim=-1)
 
 
 @torch.no_grad()

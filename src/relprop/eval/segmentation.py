@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..localize import mean_mask, unit_map
 from . import datasets, fashion
 from .args import add_model_data, fashion_data, load_vision, provenance
 from .datasets import SegmentationSample
@@ -40,18 +41,15 @@ class SegmentationConfig:
 def image_scores(relevance_map: torch.Tensor, mask: torch.Tensor) -> dict[str, Any]:
     """Counts and AP of one upsampled map [H, W] against its binary mask [H, W]."""
     m = relevance_map.detach().float().cpu()
-    lo, hi = m.min(), m.max()
-    if hi > lo:
-        r = (m - lo) / (hi - lo)
-        pred = r > r.mean()
+    pred = mean_mask(m)  # the one mean-threshold rule, shared with `relprop localize`
+    if m.max() > m.min():
+        r = unit_map(m)
         bg_scores, fg_scores = 1 - r, r
     else:
         # The authors' 0/0 gives NaN, which their script sets to 0: the prediction is all
-        # background and both AP channels score 0.
-        pred = torch.zeros_like(m, dtype=torch.bool)
+        # background (mean_mask's empty mask) and both AP channels score 0.
         bg_scores = fg_scores = torch.zeros_like(m)
     gt = mask.cpu().numpy()
-    pred = pred.numpy()
     correct, labelled = pixel_counts(pred, gt)
     inter, union = intersection_union(pred, gt)
     return {"correct": correct, "labelled": labelled, "inter": inter.tolist(), "union": union.tolist(),
