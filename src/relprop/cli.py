@@ -16,7 +16,7 @@ import numpy as np
 from .errors import RelpropError, RunFailure
 
 # Sub-commands living in modules that may need optional packages
-EXTENSIONS = ("relprop.text.cli", "relprop.eval.cli", "relprop.demo")
+EXTENSIONS = ("relprop.text.cli", "relprop.eval.cli", "relprop.demo", "relprop.serve.cli")
 MANIFEST = "relprop-outputs.json"
 
 
