@@ -135,11 +135,14 @@ class ModelSet:
 
     def warm_up(self) -> None:
         """Export each model's graph and run each default method once, so that the first click
-        does not pay for it (the explainer caches the export per input signature)."""
+        does not pay for it (the explainer caches the export per input signature, and the colour
+        maps load once)."""
         import torch
 
+        from ..visualize import heatmap_rgb
         from .views import DEFAULT_METHODS
 
+        heatmap_rgb(torch.zeros(2, 2))          # imports matplotlib's colour maps (a second, once)
         for served in self.models.values():
             with served.lock:
                 if served.kind == "image":

@@ -53,8 +53,8 @@ def decode_image(data: bytes, max_pixels: int):
     try:
         with Image.open(_Upload(data)) as probe:
             width, height = probe.size
-    except Image.DecompressionBombError:
-        width = height = max_pixels + 1            # Pillow's own limit is higher than ours
+    except Image.DecompressionBombError as error:     # Pillow's own limit (far above ours)
+        raise TooLargeError(f"the image is refused as a possible decompression bomb ({error}); shrink it first") from None
     except (OSError, ValueError, EOFError, SyntaxError):
         raise InputError("the upload is not an image this server can read (PNG, JPEG, GIF, BMP, TIFF, WebP, ...)") from None
     if width * height > max_pixels:
@@ -162,10 +162,20 @@ def overlay_rgb(display: np.ndarray, grid: torch.Tensor) -> np.ndarray:
 
 
 def matrix_rgb(matrix: torch.Tensor, side: int = 260) -> np.ndarray:
-    """An N x N matrix as a heat map (white -> dark red by value; per-matrix min-max), enlarged."""
-    from ..visualize import heatmap_rgb
+    """An N x N matrix as a heat map, enlarged: signed matrices (∇A, R_A) blue-white-red around 0,
+    others (A, Ā) viridis from 0. The scale ends at the 99th percentile of the non-zero magnitudes,
+    as a few large entries (the [CLS] column, the diagonal) would leave the rest one colour."""
+    from matplotlib import colormaps
 
-    heat = heatmap_rgb(matrix.detach().double().nan_to_num(0), "viridis")
+    values = matrix.detach().double().nan_to_num(0)
+    magnitude = values.abs().flatten()
+    nonzero = magnitude[magnitude > 0]
+    peak = float(torch.quantile(nonzero, 0.99)) if nonzero.numel() else 1.0
+    if bool((values < 0).any()):
+        colours = colormaps["RdBu_r"](((values / peak).clamp(-1, 1) * 0.5 + 0.5).numpy())
+    else:
+        colours = colormaps["viridis"]((values / peak).clamp(0, 1).numpy())
+    heat = (colours[..., :3] * 255).round().astype(np.uint8)
     factor = max(1, side // max(1, matrix.shape[0]))
     return np.kron(heat, np.ones((factor, factor, 1), dtype=np.uint8))
 
@@ -227,7 +237,8 @@ def image_explain(served: ServedModel, stored: StoredImage, target: Any, methods
     for method, (result, seconds) in explain_methods(served, stored.pixels, chosen, methods).items():
         grid = result.as_grid()[0]
         maps.append({"method": method, "overlay": png_data_url(overlay_rgb(stored.display, grid)),
-                     "grid": _rounded(grid), "finite": bool(torch.isfinite(grid).all()), "seconds": round(seconds, 4)})
+                     "grid": _rounded(grid), "finite": bool(torch.isfinite(grid).all()),
+                     "flat": bool(grid.max() == grid.min()), "seconds": round(seconds, 4)})
     return {"target": chosen, "label": served.labels.get(chosen, str(chosen)), "classes": class_list(served, logits),
             "maps": maps}
 

@@ -112,7 +112,12 @@ function chooseModel() {
   $("text-input").hidden = kind !== "text";
   $("generate-input").hidden = kind !== "generate";
   for (const id of ["classes-panel", "methods-panel", "inside-panel", "whatif-panel", "generation-panel"]) $(id).hidden = true;
-  $("input-image").hidden = true;
+  for (const id of ["classes", "maps", "inside", "curve", "generation"]) clear($(id));
+  for (const id of ["input-image", "whatif-image", "kept-text"]) $(id).hidden = true;
+  for (const id of ["prediction", "explained", "inside-note", "row-value"]) $(id).textContent = "";
+  for (const kind of Object.keys(state.seq)) state.seq[kind] += 1;          // answers still on their way are dropped
+  $("canvas").value = "";
+  $("upload").value = "";
   $("export-png").hidden = kind !== "image";
   fillSelect($("class-select"), state.model.labels.map((label, i) => [i, i + ": " + label]));
   const block = $("block");
@@ -217,7 +222,8 @@ async function explain() {
     } else {
       figure.appendChild(words(data.text, entry.words));
     }
-    figure.appendChild(el("figcaption", {}, entry.method + (entry.finite === false ? " (non-finite)" : "")));
+    const flat = entry.finite !== false && entry.flat ? " (flat: all scores equal)" : "";
+    figure.appendChild(el("figcaption", {}, entry.method + (entry.finite === false ? " (non-finite)" : flat)));
     grid.appendChild(figure);
   }
   $("word-score").hidden = state.model.kind !== "text";
