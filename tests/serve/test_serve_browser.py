@@ -72,6 +72,23 @@ def wait_for_next(page, name: str, before: str) -> None:
     page.wait_for_selector(f"body[data-{name}]:not([data-{name}='{before}'])", state="attached", timeout=TIMEOUT_MS)
 
 
+def explain_text(page, text: str) -> None:
+    """Type ``text`` into the text model's box and wait for its word views (and the panels below)."""
+    page.select_option("#model", "minilm-sst2")
+    rendered = counter(page, "rendered")
+    page.fill("#text", text)
+    page.click("#explain-text")
+    wait_for_next(page, "rendered", rendered)
+
+
+def upload(page, name: str, data: bytes) -> None:
+    """Upload ``data`` as an image file and wait for its maps, inside view and what-if curve."""
+    rendered = counter(page, "rendered")
+    page.set_input_files("#upload", files=[{"name": name, "mimeType": "image/png", "buffer": data}])
+    wait_for_next(page, "rendered", rendered)
+    page.wait_for_selector("body[data-inside][data-whatif]", state="attached")
+
+
 @pytest.fixture(scope="module")
 def browser():
     with sync_api.sync_playwright() as playwright:
@@ -111,10 +128,7 @@ def test_explorer_in_a_browser(browser, live_server, tmp_path):
     steps.shot("loaded")
 
     # an upload of a test canvas shows a non-blank map
-    rendered = counter(page, "rendered")
-    page.set_input_files("#upload", files=[{"name": "canvas.png", "mimeType": "image/png", "buffer": canvas_png()}])
-    wait_for_next(page, "rendered", rendered)
-    page.wait_for_selector("body[data-inside][data-whatif]", state="attached")
+    upload(page, "canvas.png", canvas_png())
     maps = page.locator("#maps figure[data-method='transformer_attribution'] img")
     first_map = maps.get_attribute("src")
     pixels = image_of(first_map)
@@ -156,11 +170,7 @@ def test_explorer_in_a_browser(browser, live_server, tmp_path):
     steps.shot("whatif_slider")
 
     # text input shows highlighted words
-    page.select_option("#model", "minilm-sst2")
-    rendered = counter(page, "rendered")
-    page.fill("#text", "A gorgeous, witty and deeply moving film.")
-    page.click("#explain-text")
-    wait_for_next(page, "rendered", rendered)
+    explain_text(page, "A gorgeous, witty and deeply moving film.")
     words = page.locator("#maps figure[data-method='transformer_attribution'] span.w")
     assert [words.nth(i).text_content() for i in range(words.count())][:3] == ["A", "gorgeous", ","]
     shades = {words.nth(i).evaluate("node => getComputedStyle(node).backgroundColor") for i in range(words.count())}
@@ -191,20 +201,13 @@ def test_escaping_executes_nothing(browser, live_server, evil_model_dir, tmp_pat
     steps = Steps(page, tmp_path / "screens")
     page.goto(live_server + "/")
     page.wait_for_selector("#model option", state="attached")
-    page.select_option("#model", "minilm-sst2")
-    rendered = counter(page, "rendered")
-    page.fill("#text", SCRIPT_TEXT)
-    page.click("#explain-text")
-    wait_for_next(page, "rendered", rendered)
+    explain_text(page, SCRIPT_TEXT)
     page.wait_for_selector("body[data-inside][data-whatif]", state="attached")
     assert "<script>window.__pwned" in page.locator("#maps p.words").first.text_content()
     steps.shot("script_in_text")
 
     page.select_option("#model", evil_model_dir.name)
-    rendered = counter(page, "rendered")
-    page.set_input_files("#upload", files=[{"name": "x.png", "mimeType": "image/png", "buffer": test_image(1, side=16)}])
-    wait_for_next(page, "rendered", rendered)
-    page.wait_for_selector("body[data-inside][data-whatif]", state="attached")
+    upload(page, "x.png", test_image(1, side=16))
     labels = [page.locator("#classes button span").nth(3 * i).text_content() for i in range(3)]
     assert sorted(labels) == sorted(["<script>window.__pwned = 'label'</script>",
                                      "<img src=x onerror=\"window.__pwned='img'\">", "plain"])
@@ -229,9 +232,7 @@ def test_bad_file_shows_an_error_in_the_page(browser, live_server, tmp_path):
         sync_api.expect(page.locator("#error")).to_contain_text(message)
         steps.shot("error_" + name.split(".")[0])
         page.set_input_files("#upload", files=[])
-    rendered = counter(page, "rendered")
-    page.set_input_files("#upload", files=[{"name": "ok.png", "mimeType": "image/png", "buffer": test_image(0)}])
-    wait_for_next(page, "rendered", rendered)                        # the server kept serving
+    upload(page, "ok.png", test_image(0))                          # the server kept serving
     assert page.locator("#error").is_hidden()
     assert not outside
     # the failed uploads' 4xx answers are the only console errors the page may log

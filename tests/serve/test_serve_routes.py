@@ -95,8 +95,10 @@ def test_methods_side_by_side_matches_the_library(client, image_id, model_set):
     pixels = prepare_image(served, decode_image(test_image(0), 10**6)).pixels
     for entry in body["maps"]:
         expected = served.explainer.explain(pixels, entry["method"], target=body["target"]).as_grid()[0]
+        # float32 rounding: explain alone streams transformer_attribution (A recomputed on the fused
+        # SDPA path), explain_many keeps every block's A for all methods (3e-5 of the map's peak here)
         torch.testing.assert_close(torch.tensor(entry["grid"], dtype=torch.float64), expected.double(),
-                                   rtol=1e-5, atol=1e-7)
+                                   rtol=1e-5, atol=1e-4 * float(expected.abs().max()))
 
 
 def test_bad_requests_are_json_errors(client, image_id):
@@ -216,7 +218,9 @@ def test_whatif_removes_what_the_library_ranks_first(client, image_id, model_set
     assert body["curve"][-1]["target_probability"] == pytest.approx(float(probs[body["target"]]), rel=1e-6)
 
 
-def test_text_routes(client):
+def test_text_routes(client, model_set):
+    from relprop.text.explain import explain_text
+
     text = "A gorgeous, witty and deeply moving film <script>alert(1)</script>."
     body = client.post(f"/api/{TEXT_MODEL}/explain", json={"text": text, "methods": ["transformer_attribution", "attnlrp"]})
     assert body.status_code == 200, body.text
@@ -224,6 +228,12 @@ def test_text_routes(client):
     assert body["text"] == text and body["label"] in ("positive", "negative")
     words = body["maps"][0]["words"]
     assert [text[w["start"]:w["end"]] for w in words] == [w["text"] for w in words]
+    served = model_set.get(TEXT_MODEL)
+    for entry in body["maps"]:                     # as the library's explain_text scores them
+        (library,) = explain_text(served.explainer, served.tokenizer, text, entry["method"], target=body["target"])
+        assert [(w["text"], w["start"]) for w in entry["words"]] == [(w.text, w.start) for w in library.words]
+        np.testing.assert_allclose([w["relevance"] for w in entry["words"]], [w.relevance for w in library.words],
+                                   rtol=1e-6, atol=1e-9)
     assert "gorgeous" in [w["text"] for w in words]
     negative = client.post(f"/api/{TEXT_MODEL}/explain", json={"text": text, "methods": ["transformer_attribution"],
                                                              "target": 1 - body["target"]}).json()
@@ -306,8 +316,7 @@ def test_two_threads_get_their_own_results(client):
                 ({"text": "a dull, lifeless film", "methods": ["transformer_attribution"]}, TEXT_MODEL)]
     def explained(payload, model):
         body = client.post(f"/api/{model}/explain", json=payload).json()
-        for entry in body["maps"]:
-            del entry["seconds"]                   # timing: the only field that may differ
+        del body["seconds"]                        # timing: the only field that may differ
         return body
 
     expected = [explained(payload, model) for payload, model in requests]

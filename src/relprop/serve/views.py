@@ -214,15 +214,12 @@ def check_method(method: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------- explain
-def explain_methods(served: ServedModel, inputs, target: int, methods: Sequence[str]) -> dict[str, Any]:
-    """Each method's explanation of ``inputs`` for class ``target``: the inputs are checked and
-    the graph exported once (the explainer caches both per input signature); each method then
-    costs its own forward/backward (methods with different rules share no pass)."""
-    results = {}
-    for method in methods:
-        start = time.perf_counter()
-        results[method] = (served.explainer.explain(inputs, method, target=target), time.perf_counter() - start)
-    return results
+def explain_methods(served: ServedModel, inputs, target: int, methods: Sequence[str]) -> tuple[dict, float]:
+    """Each method's explanation of ``inputs`` for class ``target``, computed together
+    (`Explainer.explain_many`: the methods that read one pass share it), and the seconds taken."""
+    start = time.perf_counter()
+    results = served.explainer.explain_many(inputs, list(methods), target=target)
+    return results, time.perf_counter() - start
 
 
 def image_classes(served: ServedModel, stored: StoredImage) -> dict:
@@ -233,34 +230,46 @@ def image_classes(served: ServedModel, stored: StoredImage) -> dict:
 def image_explain(served: ServedModel, stored: StoredImage, target: Any, methods: Sequence[str]) -> dict:
     logits = served.explainer.logits(stored.pixels)[0]
     chosen = _target(served, target, logits)
+    results, seconds = explain_methods(served, stored.pixels, chosen, methods)
     maps = []
-    for method, (result, seconds) in explain_methods(served, stored.pixels, chosen, methods).items():
+    for method, result in results.items():
         grid = result.as_grid()[0]
         maps.append({"method": method, "overlay": png_data_url(overlay_rgb(stored.display, grid)),
                      "grid": _rounded(grid), "finite": bool(torch.isfinite(grid).all()),
-                     "flat": bool(grid.max() == grid.min()), "seconds": round(seconds, 4)})
+                     "flat": bool(grid.max() == grid.min())})
     return {"target": chosen, "label": served.labels.get(chosen, str(chosen)), "classes": class_list(served, logits),
-            "maps": maps}
+            "maps": maps, "seconds": round(seconds, 4)}
 
 
 def text_explain(served: ServedModel, text: str, target: Any, methods: Sequence[str]) -> dict:
-    from ..text.explain import explain_text
+    """The words of ``text`` scored by each method, as `relprop.text.explain_text` scores them
+    (a word: the max of its sub-words), all methods from one `explain_many`."""
+    from ..text.explain import _max_length, words_from_tokens
 
-    inputs = text_inputs(served, text)
+    tokenizer, limit = served.tokenizer, _max_length(served.model, served.tokenizer)
+    encoded = tokenizer(text, truncation=True, max_length=limit, return_offsets_mapping=True,
+                        return_special_tokens_mask=True, return_tensors="pt")
+    inputs = {k: encoded[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded}
     logits = served.explainer.logits(inputs)[0]
     chosen = _target(served, target, logits)
+    results, seconds = explain_methods(served, inputs, chosen, methods)
+    offsets = encoded["offset_mapping"][0].numpy()
+    special = encoded["special_tokens_mask"][0].numpy().astype(bool)
+    word_ids = [None if s else w for w, s in zip(encoded.word_ids(0), special)]
+    tokens = tokenizer.convert_ids_to_tokens(encoded["input_ids"][0].tolist())
+    truncated = max(0, len(tokenizer(text)["input_ids"]) - limit)
     maps = []
-    for method in methods:
-        start = time.perf_counter()
-        (exp,) = explain_text(served.explainer, served.tokenizer, text, method, target=chosen)
-        maps.append({"method": method, "seconds": round(time.perf_counter() - start, 4),
+    for method, result in results.items():
+        relevance = result.relevance[0].double().numpy()
+        words = words_from_tokens(text, word_ids, offsets, relevance)
+        maps.append({"method": method,
                      "words": [{"text": w.text, "start": w.start, "end": w.end, "relevance": _finite(w.relevance)}
-                               for w in exp.words],
+                               for w in words],
                      "tokens": [{"token": t, "relevance": _finite(r), "special": bool(s)}
-                                for t, r, s in zip(exp.tokens, exp.token_relevance, exp.special)],
-                     "truncated_tokens": exp.truncated_tokens})
+                                for t, r, s in zip(tokens, relevance, special)],
+                     "truncated_tokens": truncated})
     return {"target": chosen, "label": served.labels.get(chosen, str(chosen)), "classes": class_list(served, logits),
-            "text": text, "maps": maps}
+            "text": text, "maps": maps, "seconds": round(seconds, 4)}
 
 
 def generate_explain(served: ServedModel, prompt: str, method: str, max_new_tokens: Any) -> dict:

@@ -212,7 +212,8 @@ async function explain() {
   } catch (error) { ignore(error); return; }
   state.target = data.target;
   showClasses(data.classes);
-  $("explained").textContent = "explaining " + data.label + " · " + Math.round(performance.now() - started) + " ms";
+  $("explained").textContent = "explaining " + data.label + " · " + methods.length + " methods in "
+    + Math.round(1000 * data.seconds) + " ms, on screen in " + Math.round(performance.now() - started) + " ms";
   const grid = $("maps");
   clear(grid);
   for (const entry of data.maps) {
