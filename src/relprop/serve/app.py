@@ -118,10 +118,9 @@ def create_app(models: ModelSet, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_p
         return endpoint
 
     def source(served: ServedModel, payload: dict):
-        """(inputs, display) of the request: a stored image by id, or the text."""
+        """What the request explains: a stored image (by its id), or the text."""
         if served.kind == "image":
-            stored = store.get(payload.get("image"), served.name)
-            return stored
+            return store.get(payload.get("image"), served.name)
         return views.check_text(payload.get("text"))
 
     async def index(request: Request):

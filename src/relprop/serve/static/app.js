@@ -27,6 +27,21 @@ async function call(kind, path, body, raw) {
   const seq = (state.seq[kind] || 0) + 1;
   state.seq[kind] = seq;
   status("working…");
+  busy(+1);
+  try {
+    return await answer(kind, seq, path, body, raw);
+  } finally {
+    busy(-1);
+  }
+}
+
+// How many requests are on their way (body[data-busy]; the browser test and benchmark wait for 0).
+function busy(change) {
+  state.inflight = (state.inflight || 0) + change;
+  document.body.dataset.busy = String(state.inflight);
+}
+
+async function answer(kind, seq, path, body, raw) {
   let response;
   try {
     response = await fetch(path, raw ? { method: "POST", body: body, headers: { "content-type": "application/octet-stream" } }
@@ -201,7 +216,13 @@ function chooseClass(index) {
   explain();
 }
 
+// Busy from the request until the inside view and what-if requests it triggers are on their way.
 async function explain() {
+  busy(+1);
+  try { await explainNow(); } finally { busy(-1); }
+}
+
+async function explainNow() {
   if (!state.model || (state.image === null && state.text === null)) return;
   const methods = checkedMethods();
   if (!methods.length) { showError("choose at least one method"); return; }
@@ -353,7 +374,7 @@ function drawCurve(data) {
   poly.setAttribute("points", data.curve.map((p) => x(p.percent) + "," + y(p.target_probability)).join(" "));
   poly.setAttribute("fill", "none"); poly.setAttribute("stroke", "#c0392b"); poly.setAttribute("stroke-width", "2");
   svg.appendChild(poly);
-  label(left + 6, top + 10, "p(" + data.label + ")");
+  label(W - 150, top + 12, "p(" + data.label + ") as parts go");
 }
 
 // ------------------------------------------------------------------------------------ export
