@@ -158,6 +158,13 @@ def test_explorer_in_a_browser(browser, live_server, tmp_path):
     assert "block 1" in page.locator("#inside figcaption").first.text_content()
     steps.shot("block_slider")
 
+    # clicking a patch of a map shows that patch's row
+    inside = counter(page, "inside")
+    page.locator("#inside figure[data-panel='A'] img").first.click(position={"x": 100, "y": 10})
+    wait_for_next(page, "inside", inside)
+    assert page.locator("#row-value").text_content().startswith("row: patch 4 ")      # row 0, column 4 of 8
+    steps.shot("patch_row")
+
     # the what-if slider changes the prediction
     page.wait_for_selector("#prediction:not(:empty)")
     whatif = counter(page, "whatif")
@@ -168,6 +175,13 @@ def test_explorer_in_a_browser(browser, live_server, tmp_path):
     assert changed != clean and changed.startswith("60% removed")
     assert page.locator("#curve polyline").get_attribute("points").count(",") == 13        # 0, 5, ..., 60 %
     steps.shot("whatif_slider")
+
+    # the current view as a self-contained HTML report
+    with page.expect_download() as download:
+        page.click("#export-html")
+    report = Path(download.value.path()).read_text(encoding="utf-8")
+    assert download.value.suggested_filename == "relprop-report.html"
+    assert report.startswith("<!DOCTYPE html>") and "60% removed" in report and "block 1" in report
 
     # text input shows highlighted words
     explain_text(page, "A gorgeous, witty and deeply moving film.")

@@ -170,6 +170,9 @@ def test_inside_view(client, image_id):
     assert lower["panels"][0]["row"] != body["panels"][0]["row"]
     head = inside(head=1, row=10).json()
     assert head["row"] == 10 and head["panels"][0]["row"] != body["panels"][0]["row"]
+    framed = decoded(head["panels"][0]["overlay"])          # token 10 = patch 9 = grid cell (1, 1), 24 px each
+    assert (framed[24:48, 24] == 255).all() and (framed[24, 24:48] == 255).all()
+    assert not (decoded(body["panels"][0]["overlay"])[24:48, 24] == 255).all()        # the [CLS] row: no frame
     rollout = inside(method="rollout").json()              # rollout reads A only
     assert "missing" in rollout["panels"][1] and "missing" in rollout["panels"][3]
     gradient = inside(method="attnlrp").json()             # no per-block tensors: the paper's method's shown

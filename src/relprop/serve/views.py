@@ -341,10 +341,21 @@ def inside_view(served: ServedModel, inputs, display: Optional[np.ndarray], targ
         if display is not None and result.grid is not None:
             prefix = tokens - result.grid[0] * result.grid[1]
             if prefix >= 0:
-                panel["overlay"] = png_data_url(overlay_rgb(display, values[prefix:].reshape(result.grid)))
+                picture = overlay_rgb(display, values[prefix:].reshape(result.grid))
+                if row >= prefix:
+                    _outline(picture, divmod(row - prefix, result.grid[1]), result.grid)
+                panel["overlay"] = png_data_url(picture)
         panels.append(panel)
     return {"method": result.method, "note": note, "block": block, "blocks": blocks, "head": head, "heads": heads,
             "row": row, "tokens": tokens, "grid": list(result.grid) if result.grid else None, "panels": panels}
+
+
+def _outline(picture: np.ndarray, cell: tuple[int, int], grid: tuple[int, int]) -> None:
+    """A white frame around patch ``cell`` (row, column of the grid): the row the panels show."""
+    height, width = picture.shape[0] // grid[0], picture.shape[1] // grid[1]
+    top, left = cell[0] * height, cell[1] * width
+    box = picture[top:top + height, left:left + width]
+    box[:2], box[-2:], box[:, :2], box[:, -2:] = 255, 255, 255, 255
 
 
 def image_inside(served: ServedModel, stored: StoredImage, target: Any, method: str, block: Any, head: Any,
