@@ -3,7 +3,6 @@ names are HTML/script (the escaping tests), and a real server on a free port in 
 from __future__ import annotations
 
 import io
-import socket
 import struct
 import threading
 import time
@@ -11,8 +10,6 @@ import zlib
 
 import numpy as np
 import pytest
-
-pytest.importorskip("starlette", reason="relprop serve needs the serve extra (pip install 'relprop[serve]')")
 
 EVIL_LABELS = {0: "<script>window.__pwned = 'label'</script>", 1: "<img src=x onerror=\"window.__pwned='img'\">",
                2: "plain"}
@@ -77,12 +74,6 @@ def bomb_png(width: int = 50_000, height: int = 50_000) -> bytes:
     data[start:start + 8] = struct.pack(">II", width, height)
     data[start + 13:start + 17] = struct.pack(">I", zlib.crc32(bytes(data[12:start + 13])))
     return bytes(data)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ pytestmark = [
     pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (apt-get install chromium; "
                                                      "./run test installs it when run as root)"),
 ]
+pytest.importorskip("starlette", reason="relprop serve needs the serve extra (pip install 'relprop[serve]')")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 TIMEOUT_MS = 30_000
 SCRIPT_TEXT = "<script>window.__pwned = 'text'</script> a <img src=x onerror=\"window.__pwned = 'img'\"> fine film"

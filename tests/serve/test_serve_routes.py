@@ -10,8 +10,10 @@ import threading
 import numpy as np
 import pytest
 
-from relprop.serve.views import DEFAULT_METHODS
-from tests.serve.conftest import EVIL_LABELS, bomb_png, png, test_image
+pytest.importorskip("starlette", reason="relprop serve needs the serve extra (pip install 'relprop[serve]')")
+
+from relprop.serve.views import DEFAULT_METHODS  # noqa: E402
+from tests.serve.conftest import EVIL_LABELS, bomb_png, png, test_image  # noqa: E402
 
 IMAGE_MODEL, TEXT_MODEL, LM = "fmnist-vit", "minilm-sst2", "tiny-lm"
 
