@@ -193,6 +193,8 @@ def test_explorer_in_a_browser(browser, live_server, tmp_path):
     assert words.nth(1).get_attribute("title")                    # hover shows the score
     words.nth(1).hover()
     assert page.locator("#word-score").text_content().startswith("gorgeous: ")
+    page.wait_for_selector("body[data-busy='0']", state="attached")           # the what-if answered too
+    assert page.locator("#whatif-image").is_hidden() and page.locator("#kept-text").is_visible()
     steps.shot("text_words")
 
     # the generation view of the tiny LM

@@ -133,6 +133,8 @@ function chooseModel() {
   for (const kind of Object.keys(state.seq)) state.seq[kind] += 1;          // answers still on their way are dropped
   $("canvas").value = "";
   $("upload").value = "";
+  $("percent").value = 0;
+  $("percent-value").textContent = "0%";
   $("export-png").hidden = kind !== "image";
   fillSelect($("class-select"), state.model.labels.map((label, i) => [i, i + ": " + label]));
   const block = $("block");
