@@ -370,3 +370,13 @@ def test_cli(monkeypatch, capsys, tmp_path):
     assert "warning: listening on 0.0.0.0" in err and f"http://0.0.0.0:{started[0][1]}/" in err
     assert main(["serve", "--model", "fmnist-vit", "--port", "0"]) == 0
     assert "warning" not in capsys.readouterr().err and started[1][0] == "127.0.0.1"
+
+
+def test_block_and_head_counts_for_the_page():
+    import transformers as tf
+
+    from relprop.serve.models import _blocks_and_heads
+
+    assert _blocks_and_heads(tf.SwinConfig(depths=[2, 2, 6], num_heads=[2, 4, 8])) == (10, 8)   # stages of blocks
+    assert _blocks_and_heads(tf.ViTConfig(num_hidden_layers=3, num_attention_heads=6)) == (3, 6)
+    assert _blocks_and_heads(tf.GPT2Config(n_layer=2, n_head=4)) == (2, 4)

@@ -45,11 +45,21 @@ class ServedModel:
 
     def describe(self) -> dict:
         """What the page needs to draw its controls (labels are model text: the page escapes them)."""
-        config = self.model.config
-        blocks = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
-        heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+        blocks, heads = _blocks_and_heads(self.model.config)
         return {"name": self.name, "kind": self.kind, "labels": [self.labels.get(i, str(i)) for i in range(len(self.labels))],
-                "blocks": int(blocks or 0), "heads": int(heads or 0), "image_size": self.image_size}
+                "blocks": blocks, "heads": heads, "image_size": self.image_size}
+
+
+def _blocks_and_heads(config) -> tuple[int, int]:
+    """Attention blocks and (the most) heads per block, for the page's slider and head selector
+    (a hierarchical model such as Swin: stages of ``depths`` blocks with ``num_heads`` each)."""
+    depths = getattr(config, "depths", None)
+    if isinstance(depths, (list, tuple)):
+        heads = getattr(config, "num_heads", None) or [0]
+        return int(sum(depths)), int(max(heads) if isinstance(heads, (list, tuple)) else heads)
+    blocks = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None) or 0
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 0
+    return int(blocks), int(heads)
 
 
 def canonical(name: str) -> str:

@@ -292,7 +292,7 @@ async function inside() {
       head: head === "mean" ? "mean" : Number(head), row: state.row }));
   } catch (error) { ignore(error); return; }
   $("inside-note").textContent = data.note || "";
-  $("row-value").textContent = "row: " + (data.row === 0 ? "[CLS]" : (data.token_names ? data.token_names[data.row] : "patch " + (data.row - (data.tokens - data.grid[0] * data.grid[1]))))
+  $("row-value").textContent = "row: " + rowName(data)
     + (state.model.kind === "image" ? " · click a map to pick a patch's row" : " · click a token to pick its row");
   const box = $("inside");
   clear(box);
@@ -316,6 +316,14 @@ async function inside() {
     box.appendChild(figure);
   }
   document.body.dataset.inside = String((Number(document.body.dataset.inside) || 0) + 1);
+}
+
+// The token whose row the panels show: a text token, [CLS] (a prefix token), or a patch of the grid.
+function rowName(data) {
+  if (data.token_names) return data.token_names[data.row];
+  const prefix = data.grid ? data.tokens - data.grid[0] * data.grid[1] : -1;
+  if (prefix < 0) return "token " + data.row;                 // a coarser grid (Swin's later stages)
+  return data.row < prefix ? "[CLS]" : "patch " + (data.row - prefix);
 }
 
 function tokenRow(names, values) {
