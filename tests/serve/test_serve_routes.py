@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("starlette", reason="relprop serve needs the serve extra (pip install 'relprop[serve]')")
 
 from relprop.serve.views import DEFAULT_METHODS  # noqa: E402
+from tests.conftest import needs_real_data  # noqa: E402
 from tests.serve.conftest import EVIL_LABELS, bomb_png, png, test_image  # noqa: E402
 
 IMAGE_MODEL, TEXT_MODEL, LM = "fmnist-vit", "minilm-sst2", "tiny-lm"
@@ -144,16 +145,30 @@ def test_high_bit_depth_and_gray_uploads_are_read(client):
         assert upload(client, data).status_code == 200
 
 
-def test_canvases(client):
+def test_canvases(client, monkeypatch, tmp_path):
     listing = client.get("/api/canvases").json()
-    if not listing["canvases"]:
-        assert "Fashion-MNIST" in listing["note"]
-        assert client.post(f"/api/{IMAGE_MODEL}/canvas/0").status_code == 400
-        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
     assert len(listing["canvases"]) == 12
     picked = client.post(f"/api/{IMAGE_MODEL}/canvas/3")
     assert picked.status_code == 200 and picked.json()["classes"]
     assert client.post(f"/api/{IMAGE_MODEL}/canvas/12").status_code == 400
+    monkeypatch.setenv("RELPROP_FASHION_MNIST", str(tmp_path))          # no data there: the bundled copies
+    bundled = client.get("/api/canvases").json()
+    assert [c["label"] for c in bundled["canvases"]] == [c["label"] for c in listing["canvases"]]
+    assert "bundled" in bundled["note"]
+    again = client.post(f"/api/{IMAGE_MODEL}/canvas/3").json()
+    if listing["note"] is None:                                           # Fashion-MNIST installed: the same canvas
+        assert again["classes"] == picked.json()["classes"] and again["image"] == picked.json()["image"]
+
+
+@needs_real_data
+def test_bundled_canvases_are_the_test_canvases():
+    from relprop.datasets import make_canvas
+    from relprop.serve.export import BUNDLED_CANVASES, canvas_list
+    from PIL import Image
+
+    for index, entry in enumerate(canvas_list(12)["canvases"]):
+        with Image.open(BUNDLED_CANVASES / f"{index:02d}.png") as bundled:
+            assert np.array_equal(np.asarray(bundled.convert("RGB")), make_canvas("test", index)[0]), index
 
 
 def test_inside_view(client, image_id):
@@ -330,7 +345,7 @@ def test_two_threads_get_their_own_results(client):
 
     def tab(index: int) -> None:
         payload, model = requests[index]
-        for _ in range(4):
+        for _ in range(2):
             results[index].append(explained(payload, model))
 
     threads = [threading.Thread(target=tab, args=(i,)) for i in (0, 1, 2, 0, 1)]

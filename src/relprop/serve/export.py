@@ -6,6 +6,7 @@ import base64
 import html
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,17 +19,34 @@ EXPORTS = ("png", "npy", "json", "html")
 
 
 # ---------------------------------------------------------------------------------------- canvases
+#: the first test canvases as PNG files (`write_bundled_canvases`), for machines without Fashion-MNIST
+BUNDLED_CANVASES = Path(__file__).resolve().parent.parent / "assets" / "test_canvases"
+
+
 def canvas_list(count: int) -> dict:
-    """The first ``count`` cluttered Fashion-MNIST test canvases (`relprop.datasets`), as the
-    demo uses them; empty, with a note, when the Fashion-MNIST data is not installed."""
+    """The first ``count`` cluttered Fashion-MNIST test canvases (`relprop.datasets`, as the demo
+    makes them) when the data is installed, else the bundled copies of the first ones; empty,
+    with a note, when there are neither."""
     from ..datasets import CLASS_NAMES, make_canvas
 
     try:
         labels = [make_canvas("test", i)[2] for i in range(count)]
+        return {"canvases": [{"index": i, "label": CLASS_NAMES[label]} for i, label in enumerate(labels)],
+                "note": None}
     except (OSError, ValueError) as error:
+        bundled = _bundled_labels()[:count]
+        if bundled:
+            return {"canvases": [{"index": i, "label": label} for i, label in enumerate(bundled)],
+                    "note": "Fashion-MNIST is not installed: these are the bundled copies of the first test canvases"}
         return {"canvases": [], "note": f"no test canvases: Fashion-MNIST is not installed ({error}); install "
                                         "Debian's dataset-fashion-mnist or set RELPROP_FASHION_MNIST"}
-    return {"canvases": [{"index": i, "label": CLASS_NAMES[label]} for i, label in enumerate(labels)], "note": None}
+
+
+def _bundled_labels() -> list[str]:
+    try:
+        return list(json.loads((BUNDLED_CANVASES / "labels.json").read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return []
 
 
 def canvas_image(index: int, count: int):
@@ -41,8 +59,28 @@ def canvas_image(index: int, count: int):
     try:
         image, _, _ = make_canvas("test", index)
     except (OSError, ValueError) as error:
-        raise InputError(f"the test canvases need Fashion-MNIST (dataset-fashion-mnist): {error}") from None
+        bundled = BUNDLED_CANVASES / f"{index:02d}.png"
+        if not bundled.is_file():
+            raise InputError(f"the test canvases need Fashion-MNIST (dataset-fashion-mnist): {error}") from None
+        with Image.open(bundled) as picture:
+            return picture.convert("RGB")
     return Image.fromarray(image).convert("RGB")
+
+
+def write_bundled_canvases(count: int, folder: Path = BUNDLED_CANVASES) -> None:
+    """Save the first ``count`` test canvases as PNG files and their labels (needs Fashion-MNIST,
+    Expat licence): ``python -c "from relprop.serve.export import write_bundled_canvases as w; w(12)"``."""
+    from PIL import Image
+
+    from ..datasets import CLASS_NAMES, make_canvas
+
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = []
+    for index in range(count):
+        image, _, label = make_canvas("test", index)
+        Image.fromarray(image).save(folder / f"{index:02d}.png", optimize=True)
+        labels.append(CLASS_NAMES[label])
+    (folder / "labels.json").write_text(json.dumps(labels) + "\n", encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------- exports
