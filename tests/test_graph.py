@@ -131,16 +131,26 @@ def test_callable_target_of_the_wrong_shape_is_refused():
         explainer.explain(case.inputs(2), "rollout", target=lambda out: out.logits)
 
 
+@pytest.mark.parametrize("slices", ["all heads at once", "one key-value group at a time"])
 @pytest.mark.parametrize("name", ["vit", "llama_lm"])
-def test_paper_method_streams_the_attention_relevance(name, monkeypatch):
+def test_paper_method_streams_the_attention_relevance(name, slices, monkeypatch):
     """transformer_attribution reduces each block's ∇A ⊙ R_A as the propagation reaches it: no
     block's R_A is kept, and on SDPA models the forward keeps no block's A either (recomputed
-    block by block; ∇A from the SDPA output's gradient) — the long-context memory bound. The map
-    equals the one computed from every block's full A, ∇A, R_A (keep_internals) in float64."""
-    from relprop import engine
+    block by block, and a slice of heads at a time when A is large; ∇A from the SDPA output's
+    gradient) — the long-context memory bound. The map equals the one computed from every
+    block's full A, ∇A, R_A (keep_internals) in float64."""
+    from relprop import engine, oprules
 
-    kept, probabilities = [], []
-    propagate, forward = engine.propagate, engine.forward
+    kept, probabilities, head_slices = [], [], []
+    propagate, forward, record = engine.propagate, engine.forward, engine.Relevance.record
+    if slices != "all heads at once":
+        monkeypatch.setattr(oprules, "ATTENTION_SLICE_BYTES", 1)       # the smallest slice: one group
+
+    def recording_slices(self, site, relevance, heads=None):
+        head_slices.append(heads)
+        return record(self, site, relevance, heads)
+
+    monkeypatch.setattr(engine.Relevance, "record", recording_slices)
 
     def recording(*args, **kwargs):
         result = propagate(*args, **kwargs)
@@ -163,3 +173,26 @@ def test_paper_method_streams_the_attention_relevance(name, monkeypatch):
     assert kept[0] == 0 and kept[1] == len(full.internals.attention_relevance) > 0
     assert probabilities[0] == 0 and probabilities[1] == len(full.internals.attention)
     assert torch.allclose(streamed.relevance, full.relevance, rtol=1e-12, atol=1e-15)
+    streamed_slices = head_slices[:len(head_slices) - len(full.internals.attention_relevance)]
+    if slices == "all heads at once":
+        assert all(heads is None for heads in streamed_slices)
+    else:       # one head at a time (the models' SDPA calls get key-value heads already repeated)
+        total = model.config.num_attention_heads
+        blocks = len(full.internals.attention_relevance)
+        assert streamed_slices == [(head, head + 1, total) for head in range(total)] * blocks
+
+
+def test_head_slices_keep_key_value_groups_whole(monkeypatch):
+    """Grouped-query attention: a slice of query heads holds whole groups, so that each slice
+    reads whole key-value heads; slices tile the heads and respect the byte budget."""
+    from relprop import oprules
+
+    q, k = torch.zeros(2, 8, 16, 4), torch.zeros(2, 2, 16, 4)          # 4 query heads per key-value head
+    per_head = 2 * 16 * 16 * 4                                          # bytes of one head's [B, N, S] float32
+    monkeypatch.setattr(oprules, "ATTENTION_SLICE_BYTES", 1)
+    assert oprules._head_slices(q, k, 4) == [(0, 4), (4, 8)]
+    monkeypatch.setattr(oprules, "ATTENTION_SLICE_BYTES", 5 * per_head)
+    assert oprules._head_slices(q, k, 4) == [(0, 4), (4, 8)]
+    assert oprules._head_slices(q, q, 1) == [(0, 5), (5, 8)]
+    monkeypatch.setattr(oprules, "ATTENTION_SLICE_BYTES", 8 * per_head)
+    assert oprules._head_slices(q, k, 4) == [(0, 8)]

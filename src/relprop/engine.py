@@ -228,13 +228,16 @@ def _free(step: Step, values: list, keep: frozenset, steps: list[Step]) -> None:
 class Relevance:
     attention: dict[int, torch.Tensor] = field(default_factory=dict)   # site -> R_A [B, H, N, N]
     at: dict[int, torch.Tensor] = field(default_factory=dict)          # step -> relevance of its value
-    # site, R_A -> None: consumes each block's R_A as the propagation reaches it (a method that
-    # reduces it at once); then no block's R_A is kept
-    on_attention: Optional[Callable[[int, torch.Tensor], None]] = None
+    # site, R_A, heads -> None: consumes each block's R_A as the propagation reaches it (a method
+    # that reduces it at once); then no block's R_A is kept. ``heads``: (start, stop, total) when
+    # R_A comes a slice of heads at a time (`oprules.ATTENTION_SLICE_BYTES`), else None
+    on_attention: Optional[Callable[[int, torch.Tensor, Optional[tuple[int, int, int]]], None]] = None
 
-    def record(self, site: int, relevance: torch.Tensor) -> None:
+    def record(self, site: int, relevance: torch.Tensor, heads: Optional[tuple[int, int, int]] = None) -> None:
         if self.on_attention is not None:
-            self.on_attention(site, relevance)
+            self.on_attention(site, relevance, heads)
+        elif heads is not None:
+            raise RuntimeError("internal error: R_A of a slice of heads is only streamed, never kept")
         else:
             self.attention[site] = relevance
 
@@ -272,7 +275,8 @@ class Context:
 
 def propagate(fwd: Pass, start: dict[int, torch.Tensor], rules, preset, *, lowest_site: Optional[int],
               collect: frozenset = frozenset(),
-              on_attention: Optional[Callable[[int, torch.Tensor], None]] = None) -> Relevance:
+              on_attention: Optional[Callable[[int, torch.Tensor, Optional[tuple[int, int, int]]], None]] = None
+              ) -> Relevance:
     """LRP from ``start`` (output step -> relevance) backwards through the graph.
 
     Stops after the attention site ``lowest_site`` (None: go on to the inputs); the relevance

@@ -318,17 +318,26 @@ class Explainer:
             reduced: dict[int, torch.Tensor] = {}
             block_of = {site: block for block, site in enumerate(sites)}
 
-            def reduce_block(site: int, rel: torch.Tensor) -> None:
-                """Stream: reduce a block's ∇A and R_A as soon as R_A exists; keep neither."""
+            def reduce_block(site: int, rel: torch.Tensor, heads: Optional[tuple[int, int, int]]) -> None:
+                """Stream: reduce a block's ∇A and R_A as soon as R_A exists; keep neither. R_A of
+                a slice of heads (fused forward only) adds its heads' share of the head mean."""
                 block = block_of.get(site)
                 if block is None or block not in grads:
                     return
-                grad = grads.pop(block)
+                start, stop, total = heads or (0, rel.shape[-3], rel.shape[-3])
+                grad = grads.pop(block) if stop == total else grads[block]
                 if fused:
-                    grad = _attention_grad(fwd, site, grad)
+                    grad = _attention_grad(fwd, site, grad, start, stop)
+                elif heads is not None:
+                    raise RuntimeError("internal error: R_A by slices of heads without a fused forward")
                 if layout is not None:
                     grad, rel = layout.globalize(block, grad, prepared.batch), layout.globalize(block, rel, prepared.batch)
-                reduced[block] = chosen.reduce_block(grad, rel, **options)
+                part = chosen.reduce_block(grad, rel, **options)
+                if heads is None:
+                    reduced[block] = part
+                else:
+                    part = part * ((stop - start) / total)
+                    reduced[block] = part if start == 0 else reduced[block] + part
 
             if rules is not None:
                 start = _start_relevance(program, fwd.outputs, score_of)
@@ -667,12 +676,14 @@ def _keys(fwd: engine.Pass, site: int) -> int:
     return fwd.shapes[step.args[1].index][-2]
 
 
-def _attention_grad(fwd: engine.Pass, site: int, out_grad: torch.Tensor) -> torch.Tensor:
-    """∇A of a fused SDPA site from its output's gradient: O = A·V, so ∇A = ∇O · Vᵀ."""
+def _attention_grad(fwd: engine.Pass, site: int, out_grad: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """∇A of query heads start..stop of a fused SDPA site from its output's gradient: O = A·V,
+    so ∇A = ∇O · Vᵀ."""
     step = fwd.program.steps[fwd.program.attention_sites[site]]
     q, k, v = (fwd.values[a.index] for a in step.args[:3])
     groups = engine.head_groups(q, k, step.kwargs.get("enable_gqa"))
-    return out_grad @ engine.repeat_heads(v, groups).transpose(-1, -2)
+    v = v[..., start // groups:stop // groups, :, :]
+    return out_grad[..., start:stop, :, :] @ engine.repeat_heads(v, groups).transpose(-1, -2)
 
 
 def _readout_weights(readout: str, prefix: int, num_tokens: int, like: torch.Tensor, batch: int,

@@ -30,14 +30,16 @@ Structures beyond BERT's, and how relevance crosses them (no rule of its own is 
 """
 from __future__ import annotations
 
+import inspect
 import operator
 from typing import Callable, Optional
 
 import torch
 
+from .engine import _attention, head_groups, repeat_heads
 from .errors import UnsupportedModelError
 from .graph import Ref
-from .rules import bounded_input_rule, matmul_rule, safe_divide
+from .rules import bounded_input_rule, matmul_rule, per_sample_sum, safe_divide
 
 aten = torch.ops.aten
 
@@ -291,40 +293,101 @@ def matmul(ctx, relevance):
     _unsupported(ctx, "a product of a constant and the data in this order")
 
 
+#: the most bytes of one [B, heads, N, N] slice an attention rule makes at a time when it
+#: recomputes A (fused forward, streaming method): a long context then holds a few such slices,
+#: not a few tensors of all heads (2,048 tokens x 32 heads: 512 MiB each in float32)
+ATTENTION_SLICE_BYTES = 128 * 2**20
+
+_SDPA = inspect.signature(_attention)
+
+
+def _head_slices(q, k, groups: int) -> list[tuple[int, int]]:
+    """Query-head ranges [start, stop) of at most `ATTENTION_SLICE_BYTES` each, whole key-value
+    groups (grouped-query attention), covering all heads."""
+    heads = q.shape[-3]
+    per_head = q[..., :1, :, :1].numel() * k.shape[-2] * q.element_size()
+    size = max(groups, ATTENTION_SLICE_BYTES // max(per_head, 1) // groups * groups)
+    return [(start, min(start + size, heads)) for start in range(0, heads, size)]
+
+
+def _of_heads(x, start: int, stop: int):
+    """Heads start..stop of a [..., H, N, S] tensor; one broadcast over heads stays as it is."""
+    if x is None or x.dim() < 3 or x.shape[-3] == 1:
+        return x
+    return x[..., start:stop, :, :]
+
+
 def attention(ctx, relevance):
     """SDPA, expanded: R_A and R_V from A·V; R_A recorded; then, unless this is the lowest
-    attention needed, the scores (through the mask by the preset) and Q·Kᵀ."""
-    args = ctx.args()
-    kwargs = ctx.kwargs()
-    q, k, v = args[:3]
-    from .engine import _attention, head_groups, repeat_heads
+    attention needed, the scores (through the mask by the preset) and Q·Kᵀ.
+
+    When the forward ran SDPA fused and the method reduces each block's R_A at once, A is
+    recomputed a slice of heads at a time (`ATTENTION_SLICE_BYTES`) and each slice's R_A is
+    recorded with its head range: every head's rule is independent of the others'."""
+    call = _SDPA.bind(*ctx.args(), **ctx.kwargs())
+    call.apply_defaults()
+    sdpa = call.arguments
+    q, k, v = sdpa["q"], sdpa["k"], sdpa["v"]
     site = ctx.fwd.site_of_step[ctx.step.index]
     probabilities, bias = ctx.fwd.attention[site], ctx.fwd.bias.get(ctx.step.index)
-    if probabilities is None:           # a fused forward kept no A: recompute this block's
-        _, probabilities, bias = _attention(*args, **kwargs)
-    probabilities = probabilities.detach()
-    groups = head_groups(q, k, kwargs.get("enable_gqa"))
-    k_full, v_full = repeat_heads(k, groups), repeat_heads(v, groups)
-    rel_probabilities, rel_v = matmul_rule(probabilities, v_full, relevance)
-    ctx.relevance.record(site, rel_probabilities)
-    rel = {}
-    if groups > 1:
-        rel_v = rel_v.unflatten(-3, (k.shape[-3], groups)).sum(dim=-3)
-    rel[ctx.arg_index(2)] = rel_v
-    if not ctx.stop:
-        rel_scores = rel_probabilities
-        if bias is not None and ctx.preset.attention_mask == "add":
-            scale = kwargs.get("scale") or q.shape[-1] ** -0.5
-            scores = (q @ k_full.transpose(-1, -2)) * scale
-            rel_scores, _ = ctx.rules.add(scores, bias.expand_as(scores), rel_probabilities)
-        rel_q, rel_k_t = matmul_rule(q, k_full.transpose(-1, -2), rel_scores)
-        rel_k = rel_k_t.transpose(-1, -2)
-        if groups > 1:
-            rel_k = rel_k.unflatten(-3, (k.shape[-3], groups)).sum(dim=-3)
-        for position, part in ((0, rel_q), (1, rel_k)):
-            index = ctx.arg_index(position)
+    groups = head_groups(q, k, sdpa["enable_gqa"])
+    if probabilities is not None or ctx.relevance.on_attention is None:
+        if probabilities is None:           # a fused forward kept no A: recompute this block's
+            _, probabilities, bias = _attention(**sdpa)
+        rel_a, *parts = _attention_rule(ctx, q, k, v, probabilities.detach(), bias, groups, sdpa["scale"], relevance)
+        ctx.relevance.record(site, rel_a)
+        rel_q, rel_k, rel_v, mask_sums = parts
+    else:
+        sliced = []
+        for start, stop in _head_slices(q, k, groups):
+            kv = slice(start // groups, stop // groups)
+            q_s, k_s, v_s = q[..., start:stop, :, :], k[..., kv, :, :], v[..., kv, :, :]
+            _, probabilities, bias = _attention(**{**sdpa, "q": q_s, "k": k_s, "v": v_s,
+                                                   "attn_mask": _of_heads(sdpa["attn_mask"], start, stop)})
+            rel_a, *parts = _attention_rule(ctx, q_s, k_s, v_s, probabilities.detach(), bias, groups, sdpa["scale"],
+                                            relevance[..., start:stop, :, :])
+            del probabilities, bias
+            whole = (start, stop) == (0, q.shape[-3])
+            ctx.relevance.record(site, rel_a, heads=None if whole else (start, stop, q.shape[-3]))
+            del rel_a
+            sliced.append(parts)
+        rel_q, rel_k, rel_v = (None if part[0] is None else torch.cat(part, dim=-3) for part in list(zip(*sliced))[:3])
+        mask_sums = None if sliced[0][3] is None else sum(part[3] for part in sliced)
+    if mask_sums is not None:       # the mask's addition rule, rescaled from all heads' totals at once
+        factors = ctx.rules.add.rescale(*mask_sums)
+        if factors is not None:
+            rel_q, rel_k = rel_q * factors[0], rel_k * factors[0]
+    rel = {ctx.arg_index(2): rel_v}
+    for position, part in ((0, rel_q), (1, rel_k)):
+        index = ctx.arg_index(position)
+        if part is not None:
             rel[index] = part if index not in rel else rel[index] + part
     return [rel.get(i) for i in ctx.step.data_inputs]
+
+
+def _attention_rule(ctx, q, k, v, probabilities, bias, groups: int, scale, relevance):
+    """R_A and the relevance of q, k, v (k, v per key-value head; q, k None at the lowest
+    attention needed) of one SDPA call or a slice of its heads; with a mask added to the
+    scores (the text preset), q's and k's relevance before the addition rule's per-sample
+    rescaling, and the totals that rescaling needs ([3, B, 1, 1, 1]: scores', mask's, output's),
+    so that slices of heads rescale together."""
+    k_full, v_full = repeat_heads(k, groups), repeat_heads(v, groups)
+    rel_probabilities, rel_v = matmul_rule(probabilities, v_full, relevance)
+    if groups > 1:
+        rel_v = rel_v.unflatten(-3, (k.shape[-3], groups)).sum(dim=-3)
+    if ctx.stop:
+        return rel_probabilities, None, None, rel_v, None
+    rel_scores, sums = rel_probabilities, None
+    if bias is not None and ctx.preset.attention_mask == "add":
+        scores = (q @ k_full.transpose(-1, -2)) * (scale or q.shape[-1] ** -0.5)
+        rel_scores, rel_mask = ctx.rules.add.split(scores, bias.expand_as(scores), rel_probabilities)
+        sums = torch.stack([per_sample_sum(rel_scores), per_sample_sum(rel_mask), per_sample_sum(rel_probabilities)])
+        del scores, rel_mask
+    rel_q, rel_k_t = matmul_rule(q, k_full.transpose(-1, -2), rel_scores)
+    rel_k = rel_k_t.transpose(-1, -2)
+    if groups > 1:
+        rel_k = rel_k.unflatten(-3, (k.shape[-3], groups)).sum(dim=-3)
+    return rel_probabilities, rel_q, rel_k, rel_v, sums
 
 
 def mask(ctx, relevance):

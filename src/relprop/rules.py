@@ -43,7 +43,7 @@ def _safe_divide_into(a: torch.Tensor, b: torch.Tensor, eps: float = EPS) -> tor
     return b.masked_fill_(zero, 0)
 
 
-def _per_sample_sum(x: torch.Tensor) -> torch.Tensor:
+def per_sample_sum(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).sum(dim=1).reshape((-1,) + (1,) * (x.dim() - 1))
 
 
@@ -97,24 +97,37 @@ class ZPlusSeparateRule(LinearRule):
 
 
 class AddRule:
-    """Relevance of the two summands of ``a + b``."""
+    """Relevance of the two summands of ``a + b``: split in proportion to them.
 
-    def __call__(self, a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor):
+    ``split`` and ``rescale`` are the rule's two stages, for a caller that splits a tensor in
+    parts and rescales once from the parts' summed totals (`oprules.attention` by head slices)."""
+
+    def split(self, a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor):
         scale = safe_divide(relevance, a + b)
         return a * scale, b * scale
+
+    def rescale(self, sum_a: torch.Tensor, sum_b: torch.Tensor, total: torch.Tensor):
+        """Per-sample factors for the split's two parts from their totals and the output's
+        (``[B, 1, ...]``); None: the split stands."""
+        return None
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor, relevance: torch.Tensor):
+        return self.split(a, b, relevance)
 
 
 class NormalizedAddRule(AddRule):
     """Split proportionally, then rescale each branch so its total is its share of the
     output's total, shares given by the branches' absolute sums (the paper's residual rule)."""
 
-    def __call__(self, a, b, relevance):
-        rel_a, rel_b = super().__call__(a, b, relevance)
-        sum_a, sum_b, total = _per_sample_sum(rel_a), _per_sample_sum(rel_b), _per_sample_sum(relevance)
+    def rescale(self, sum_a, sum_b, total):
         abs_total = sum_a.abs() + sum_b.abs()
-        rel_a = rel_a * safe_divide(safe_divide(sum_a.abs(), abs_total) * total, sum_a)
-        rel_b = rel_b * safe_divide(safe_divide(sum_b.abs(), abs_total) * total, sum_b)
-        return rel_a, rel_b
+        return (safe_divide(safe_divide(sum_a.abs(), abs_total) * total, sum_a),
+                safe_divide(safe_divide(sum_b.abs(), abs_total) * total, sum_b))
+
+    def __call__(self, a, b, relevance):
+        rel_a, rel_b = self.split(a, b, relevance)
+        factor_a, factor_b = self.rescale(per_sample_sum(rel_a), per_sample_sum(rel_b), per_sample_sum(relevance))
+        return rel_a * factor_a, rel_b * factor_b
 
 
 def clone_rule(x: torch.Tensor, *relevances: torch.Tensor) -> torch.Tensor:
