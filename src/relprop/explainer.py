@@ -333,6 +333,7 @@ class Explainer:
                 if layout is not None:
                     grad, rel = layout.globalize(block, grad, prepared.batch), layout.globalize(block, rel, prepared.batch)
                 part = chosen.reduce_block(grad, rel, **options)
+                assert part is not None          # streaming is chosen only for a method that reduces its blocks
                 if heads is None:
                     reduced[block] = part
                 else:
