@@ -1,5 +1,6 @@
 """The paper's rationale benchmark (ERASER movies, token-F1 of the top-k words) on real human
-rationales, with the bundled sentiment MiniLM.
+rationales, with the bundled sentiment MiniLM, through the benchmark runner
+(``relprop eval rationale``, ``relprop.eval.rationale``).
 
 The Zaidan et al. (2007) annotated reviews are converted into ERASER's format (or a genuine
 ERASER ``movies`` folder is read); every method explains the ground-truth class of each review
@@ -7,22 +8,22 @@ ERASER ``movies`` folder is read); every method explains the ground-truth class 
 (``relprop.eval.token_f1``): word-piece relevance clipped at 0, word pieces aggregated to words
 by max, the k most relevant words for k = 5, 10, ..., 80 scored against the human rationale with
 ERASER's token-level precision / recall / F1 (macro over documents). Ties go to the earlier
-word. Two variants are scored from the same relevances: the authors' exact selection
-(``torch.topk`` ties, smaller-k words carried over) and the unclipped ranking relprop used before.
+word. Two variants are scored from the same word scores (stored in the records): the authors'
+exact selection (``torch.topk`` ties, smaller-k words carried over) and the unclipped ranking
+relprop used before.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/text_rationales.py [--eraser PATH] [--split test]
-    python benchmarks/text_rationales.py --rescore     # re-score the stored relevances only
 
-writes ``benchmarks/results/text_rationales/{results.json,table.md,token_f1.png}`` and the
-word-piece relevances ``relevances.npz`` (not committed), which ``--rescore`` reads instead of
-running the model. The classifier never saw these reviews: it was fine-tuned on SST-2 only.
+writes ``benchmarks/results/text_rationales/{results.json,table.md,token_f1.png}`` and the run's
+files (``rationale.jsonl``: one record per review and method with its word scores, not
+committed; ``rationale_summary.json``, ...). A rerun resumes, and once every record is there it
+only re-scores them. The classifier never saw these reviews: it was fine-tuned on SST-2 only.
 """
 from __future__ import annotations
 
 import argparse
 import io
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,16 +31,15 @@ import numpy as np
 import torch
 
 import relprop
-from relprop.eval.token_f1 import DEFAULT_KS, encode_words, rationale_masks, token_f1_table, word_relevance
+from relprop.eval.rationale import RationaleBenchmark, reviews, zaidan_reviews
+from relprop.eval.runner import run_benchmark
+from relprop.eval.token_f1 import DEFAULT_KS, rationale_masks, token_f1_table
 from relprop.files import atomic_write, atomic_write_text, output_dir
 from relprop.text.pretrained import load_sentiment_model
-from relprop.text.rationales import convert_zaidan, default_data_dir, load_eraser
+from relprop.text.rationales import default_data_dir
 
 OUT = Path(__file__).parent / "results" / "text_rationales"
-CACHE = "relevances.npz"
-LABELS = {"NEG": 0, "POS": 1}
-MAX_LENGTH = 512
-# The main table first; every protocol is scored on the same word-piece relevances.
+# The main table first; every protocol is scored on the same word scores.
 PROTOCOLS = {
     "authors": {"clip_negative": True, "carry_over": False, "ties": "first"},
     "authors_exact": {"clip_negative": True, "carry_over": True, "ties": "torch"},
@@ -52,75 +52,21 @@ PROTOCOL_NOTES = {
 }
 
 
-def explain_documents(explainer, tokenizer, examples, methods, batch_size):
-    """Per method, the word-piece relevance of each document; each document's word id per
-    piece (-1: special); the model's predictions."""
-    pieces = {m: [] for m in methods}
-    word_ids, predictions = [], []
-    for start in range(0, len(examples), batch_size):
-        batch = examples[start:start + batch_size]
-        encodings = [encode_words(tokenizer, ex.tokens, max_length=MAX_LENGTH) for ex in batch]
-        width = max(len(e.input_ids) for e in encodings)
-        ids = torch.full((len(batch), width), tokenizer.pad_token_id)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, e in enumerate(encodings):
-            ids[i, :len(e.input_ids)] = torch.tensor(e.input_ids)
-            mask[i, :len(e.input_ids)] = 1
-        inputs = {"input_ids": ids, "attention_mask": mask}
-        targets = [LABELS[ex.label] for ex in batch]
-        predictions += explainer.logits(inputs).argmax(1).tolist()
-        word_ids += [e.word_ids for e in encodings]
-        for method in methods:
-            result = explainer.explain(inputs, method, target=targets)
-            for i, e in enumerate(encodings):
-                pieces[method].append(result.relevance[i, :len(e.input_ids)].float().numpy())
-        print(f"{min(start + batch_size, len(examples))}/{len(examples)} documents", flush=True)
-    return pieces, word_ids, predictions
+def word_scores(out: Path, methods, ids) -> dict[str, list[np.ndarray]]:
+    """Per method, each review's word scores from the run's records (NaN: no score)."""
+    by_key = {}
+    for line in (out / "rationale.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        by_key[record["method"], record["id"]] = record
+    return {m: [np.array([np.nan if w is None else w for w in by_key[m, i]["words"]]) for i in ids
+                if (m, i) in by_key] for m in methods}
 
 
-def save_cache(path: Path, meta: dict, examples, pieces, word_ids, predictions) -> None:
-    """Everything scoring needs, so protocol variants are re-scored without the model."""
-    arrays = {
-        "meta": np.array(json.dumps(meta)),
-        "docids": np.array([ex.docid for ex in examples]),
-        "labels": np.array([LABELS[ex.label] for ex in examples]),
-        "predictions": np.array(predictions),
-        "n_words": np.array([len(ex.tokens) for ex in examples]),
-        "gold": np.concatenate([ex.rationale for ex in examples]),
-        "n_pieces": np.array([len(w) for w in word_ids]),
-        "word_ids": np.concatenate(word_ids).astype(np.int32),
-        **{f"pieces/{m}": np.concatenate(p).astype(np.float32) for m, p in pieces.items()},
-    }
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    atomic_write(path, lambda handle: handle.write(buffer.getvalue()))
-
-
-def load_cache(path: Path) -> dict:
-    if not path.is_file():
-        raise SystemExit(f"no stored relevances at {path}: run without --rescore first")
-    with np.load(path) as data:
-        meta = json.loads(str(data["meta"]))
-        return {
-            "meta": meta,
-            "labels": data["labels"], "predictions": data["predictions"],
-            "n_words": data["n_words"],
-            "gold": _per_document(data["gold"], data["n_words"]),
-            "word_ids": _per_document(data["word_ids"], data["n_pieces"]),
-            "pieces": {m: _per_document(data[f"pieces/{m}"], data["n_pieces"]) for m in meta["methods"]},
-        }
-
-
-def _per_document(flat: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
-    return np.split(flat, np.cumsum(sizes)[:-1])
-
-
-def score(cache: dict) -> tuple[dict, dict]:
+def score(words_by_method: dict, golds: list[np.ndarray]) -> tuple[dict, dict]:
     """Token-F1 tables per protocol and method, and per method how often ties decide."""
-    tables, ties = {name: {} for name in PROTOCOLS}, {}
-    golds = cache["gold"]
-    for method, pieces in cache["pieces"].items():
-        words = [word_relevance(p, w, n_words=n) for p, w, n in zip(pieces, cache["word_ids"], cache["n_words"])]
+    tables: dict[str, dict] = {name: {} for name in PROTOCOLS}
+    ties = {}
+    for method, words in words_by_method.items():
         for name, protocol in PROTOCOLS.items():
             table = token_f1_table(words, golds, DEFAULT_KS, **protocol)
             sizes = [rationale_masks(w, DEFAULT_KS, **protocol) for w in words]
@@ -182,11 +128,8 @@ def tie_markdown(ties, tables) -> str:
     return "\n".join(lines)
 
 
-def report(cache: dict, out: Path) -> None:
-    tables, ties = score(cache)
-    meta = cache["meta"]
-    accuracy = float(np.mean(cache["predictions"] == cache["labels"]))
-    results = {**meta, "documents": len(cache["labels"]), "classifier_accuracy": accuracy,
+def report(summary: dict, tables: dict, ties: dict, meta: dict, out: Path) -> None:
+    results = {**meta, "documents": summary["samples"], "classifier_accuracy": summary["classifier_accuracy"],
                "explained_class": "ground truth", "aggregation": "max", "ks": list(DEFAULT_KS),
                "protocols": {name: {**PROTOCOLS[name], "note": PROTOCOL_NOTES[name]} for name in PROTOCOLS},
                "token_f1": tables["authors"],
@@ -200,7 +143,7 @@ def report(cache: dict, out: Path) -> None:
     atomic_write_text(out / "table.md", "\n".join(parts))
     plot(tables["authors"], out / "token_f1.png")
     print("\n".join(parts))
-    print(f"{results['documents']} documents, classifier accuracy {accuracy:.3f}, "
+    print(f"{results['documents']} documents, classifier accuracy {results['classifier_accuracy']:.3f}, "
           f"explained in {meta['wall_seconds']} s")
 
 
@@ -213,27 +156,34 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=relprop.methods())
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--out", default=str(OUT))
-    parser.add_argument("--rescore", action="store_true",
-                        help=f"re-score the relevances stored in OUT/{CACHE} instead of running the model")
+    parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     out = output_dir(args.out)
-    if args.rescore:
-        report(load_cache(out / CACHE), out)
-        return
     torch.manual_seed(0)
-    folder = args.eraser
-    if folder is None:
-        folder = tempfile.mkdtemp(prefix="eraser_movies_")
-        convert_zaidan(Path(folder), archive=Path(args.data) / "movies" / "zaidan_rationales.tar.gz")
-    examples = list(load_eraser(Path(folder), args.split))[:args.limit]
+    if args.eraser:
+        samples = reviews(Path(args.eraser), args.split, sources=(Path(args.eraser) / f"{args.split}.jsonl",))
+    else:
+        samples = zaidan_reviews(Path(args.data) / "movies" / "zaidan_rationales.tar.gz", args.split)
+    samples = samples[:args.limit]
     model, tokenizer = load_sentiment_model()
-    explainer = relprop.Explainer(model)
+    benchmark = RationaleBenchmark(model, tokenizer, samples,
+                                   identity={"data": "eraser" if args.eraser else "zaidan", "split": args.split,
+                                             "model": "minilm_sst2"})
     started = time.time()
-    pieces, word_ids, predictions = explain_documents(explainer, tokenizer, examples, args.methods, args.batch_size)
+    summary = run_benchmark(benchmark, relprop.Explainer(model), args.methods, out, batch_size=args.batch_size,
+                            progress=not args.no_progress)
+    wall = round(time.time() - started, 1)
+    timing_path = out / "timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+    if wall > 60 or "wall_seconds" not in timing:  # a re-scoring rerun keeps the explaining run's time
+        timing = {"wall_seconds": wall, "threads": torch.get_num_threads(), "when": time.strftime("%Y-%m-%d %H:%M")}
+        atomic_write_text(timing_path, json.dumps(timing) + "\n")
+    ids = [s.id for s in samples]
+    words = word_scores(out, args.methods, ids)
+    tables, ties = score(words, [s.rationale for s in samples])
     meta = {"split": args.split, "source": "eraser" if args.eraser else "zaidan", "methods": list(args.methods),
-            "max_length": MAX_LENGTH, "wall_seconds": round(time.time() - started, 1)}
-    save_cache(out / CACHE, meta, examples, pieces, word_ids, predictions)
-    report(load_cache(out / CACHE), out)
+            "max_length": benchmark.config.max_length, "wall_seconds": timing["wall_seconds"]}
+    report(summary, tables, ties, meta, out)
 
 
 if __name__ == "__main__":

@@ -319,11 +319,11 @@ def main() -> int:
     preprocessor = loading.read_preprocessor_config(str(args.model))
     size, norm = loading.image_size(model, preprocessor), loading.normalization(preprocessor)
     options = {m: {"start_layer": args.start_layer} for m in ("transformer_attribution", "rollout")}
-    explainer = fashion.MethodOptions(relprop.Explainer(model), options)
+    explainer = relprop.Explainer(model)
     model_id = {"model": str(args.model.resolve()),
                 "model_sha": _weights_fingerprint(args.model)}
     canvases = fashion.canvas_identity(root=args.data_root)
-    identity = {**model_id, **canvases, **explainer.identity()}
+    identity = {**model_id, **canvases}
     progress = not args.no_progress
     only = set(args.only or ("segmentation", "perturbation", "class_specificity"))
     out = args.out
@@ -350,7 +350,7 @@ def main() -> int:
         samples = fashion.canvas_segmentation(args.n, root=args.data_root)
         timed("segmentation", lambda: run_segmentation(
             model, explainer, samples, args.methods, out / "segmentation", SegmentationConfig(size, norm),
-            identity, args.batch_size, progress, args.restart))
+            identity, args.batch_size, progress, args.restart, options=options))
     if "perturbation" in only:
         samples = fashion.canvas_images(args.n, root=args.data_root)
         for target in ("predicted", "true"):
@@ -358,12 +358,12 @@ def main() -> int:
             timed(f"perturbation_{target}", lambda: run_perturbation(
                 model, explainer, samples, args.methods, out / f"perturbation_{target}", config,
                 {**identity, "labels": "fashion-mnist"}, args.batch_size, args.forward_batch_size, progress,
-                args.restart))
+                args.restart, options=options))
     if "class_specificity" in only:
         pairs = fashion.pair_samples(args.pairs, root=args.data_root)
         timed("class_specificity", lambda: run_class_specificity(
             model, explainer, pairs, args.methods, out / "class_specificity", ClassSpecificityConfig(size, norm),
-            {**identity, "data": "fashion_pairs"}, args.batch_size, progress, args.restart))
+            {**identity, "data": "fashion_pairs"}, args.batch_size, progress, args.restart, options=options))
 
     report(args, out, timing, identity)
     return 0

@@ -12,7 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# ./run test runs the suite in 2 worker processes (pytest-xdist): one thread each keeps 2 cores busy
+# without oversubscribing them; a single process keeps 2
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 GOLDEN = Path(__file__).parent / "data" / "golden"

@@ -301,6 +301,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     0 done, 1 failed while working, 2 usage error (argparse's too), 130 interrupted."""
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # as given: relaunched by `eval --launcher`
         _quiet_transformers()
         return args.run(args) or 0
     except RelpropError as error:

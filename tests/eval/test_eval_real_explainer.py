@@ -35,13 +35,18 @@ def test_all_methods_through_relprop_cli(tiny_vit, image_folder, tmp_path, capsy
     assert all(r["n"] == 2 for r in summary["results"].values())
 
 
-def test_start_layer_option_reaches_the_methods(tiny_vit):
+def test_start_layer_and_options_reach_the_methods(tiny_vit):
     import torch
-    from relprop.eval.cli import make_explainer
+    from relprop.eval.cli import parse_options
+    from relprop.eval.runner import method_explain
+
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    plain = make_explainer(tiny_vit, ["transformer_attribution"])
-    authors = make_explainer(tiny_vit, ["transformer_attribution"], start_layer=1)
+    explainer = relprop.Explainer(tiny_vit)
+    methods = ["transformer_attribution", "rollout", "lrp"]
+    authors = parse_options([], 1, methods)
+    assert authors == {"transformer_attribution": {"start_layer": 1}, "rollout": {"start_layer": 1}}
+    assert parse_options(["rollout:start_layer=1", "transformer_attribution:start_layer=1"], None, methods) == authors
     for method in ("transformer_attribution", "rollout"):
-        expected = relprop.Explainer(tiny_vit).explain(x, method, start_layer=1).relevance
-        assert torch.equal(authors.explain(x, method).relevance, expected)
-        assert not torch.equal(plain.explain(x, method).relevance, expected)
+        expected = explainer.explain(x, method, start_layer=1).relevance
+        assert torch.equal(method_explain(explainer, method, authors[method])(x).relevance, expected)
+        assert not torch.equal(method_explain(explainer, method, {})(x).relevance, expected)

@@ -60,28 +60,6 @@ def test_identity_names_the_canvases(fmnist_root):
     json.dumps(identity)  # storable in the run settings
 
 
-class RecordingExplainer:
-    def __init__(self):
-        self.calls = []
-        self.labels = {0: "zero"}
-
-    def explain(self, pixel_values, method, target=None, **options):
-        self.calls.append((method, target, options))
-        return "result"
-
-
-def test_method_options_pass_through():
-    inner = RecordingExplainer()
-    wrapped = fashion.MethodOptions(inner, {"transformer_attribution": {"start_layer": 1}, "rollout": {}})
-    assert wrapped.explain("x", method="transformer_attribution", target=3) == "result"
-    wrapped.explain("x", method="rollout")
-    wrapped.explain("x", method="transformer_attribution", start_layer=2)  # an explicit option wins
-    assert inner.calls == [("transformer_attribution", 3, {"start_layer": 1}), ("rollout", None, {}),
-                           ("transformer_attribution", None, {"start_layer": 2})]
-    assert wrapped.identity() == {"method_options": {"transformer_attribution": {"start_layer": 1}}}
-    assert wrapped.labels == {0: "zero"}  # the wrapped explainer's attributes
-
-
 def test_runners_take_canvases(tiny_vit, fmnist_root, tmp_path):
     explainer = FakeExplainer(tiny_vit)
     identity = fashion.canvas_identity(config=SMALL, root=fmnist_root)

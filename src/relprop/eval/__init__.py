@@ -1,5 +1,7 @@
-"""The paper's two vision benchmarks (Chefer, Gur & Wolf, CVPR 2021), defined as in the
-authors' scripts, as resumable runs.
+"""Benchmarks as resumable runs, all on one runner (``runner.Benchmark``, ``runner.run_benchmark``;
+``relprop eval NAME`` for each registered one): the paper's two vision benchmarks (Chefer, Gur &
+Wolf, CVPR 2021) defined as in the authors' scripts, its text rationale benchmark
+(``rationale``), and a class-specificity test.
 
 Perturbation test (``perturbation.run_perturbation``, ``relprop eval perturbation``):
 data is an ImageNet-style folder ``DATA/<class_dir>/<image>``; class indices come from the
@@ -18,7 +20,8 @@ A mask of another size than its image is not stretched onto it: that sample fail
 listed with both sizes.
 
 Output folder: ``<benchmark>.jsonl`` (one fsynced record per sample, method and mode;
-a rerun skips what is there), ``<benchmark>_run.json`` (what the results depend on: the
+a rerun skips what is there; under torchrun each rank appends to ``<benchmark>.rank<R>.jsonl``,
+merged by rank 0), ``<benchmark>_run.json`` (what the results depend on: the
 model's weight fingerprint and the settings; each record also carries its sample's data
 fingerprint), ``<benchmark>_summary.json`` (settings, per-method results and the samples
 that failed) and ``perturbation.png``. One run at a time may use a folder, and results made

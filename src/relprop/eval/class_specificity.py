@@ -24,6 +24,7 @@ there), ``class_specificity_summary.json``, ``class_specificity.md`` and ``.png`
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -35,19 +36,16 @@ import torch
 from PIL import Image
 
 from ..files import atomic_write, atomic_write_text
+from . import fashion
+from .args import add_model_data, fashion_data, load_vision, provenance
 from .images import Normalization, checked_mask, mask_to_tensor, to_unit_tensor
 from .report import new_figure
-from .rundir import open_run
-from .runner import (Explainer, Failure, load_batches, model_device, pending_samples, report_non_finite,
-                     require_results, write_summary)
-from .store import ResultStore
+from .runner import (Benchmark, Explain, Explainer, Failure, model_device, register_benchmark, report_non_finite,
+                     run_benchmark)
 
 
-RESULTS_FILE = "class_specificity.jsonl"
-SUMMARY_FILE = "class_specificity_summary.json"
 TABLE_FILE = "class_specificity.md"
 PLOT_FILE = "class_specificity.png"
-OUTPUT_FILES = (RESULTS_FILE, SUMMARY_FILE, TABLE_FILE, PLOT_FILE)
 
 
 class PairLike(Protocol):
@@ -99,6 +97,85 @@ def _load(sample: PairLike, config: ClassSpecificityConfig):
             int(label_a), int(label_b))
 
 
+@register_benchmark
+class ClassSpecificityBenchmark(Benchmark):
+    """Both classes of each two-item canvas explained (one record per method and pair)."""
+
+    name = "class_specificity"
+    help = "two-item canvases: is each class's map on its own item?"
+    description = ("Explain both classes of two-item Fashion-MNIST canvases; report the share of positive "
+                   "relevance on the explained item, how often it gets more than the other item, and the class "
+                   "sensitivity of the maps.")
+
+    def __init__(self, model: torch.nn.Module, samples: Sequence[PairLike],
+                 config: ClassSpecificityConfig = ClassSpecificityConfig(),
+                 identity: Mapping[str, Any] | None = None, provenance: Mapping[str, Any] | None = None):
+        super().__init__(model, samples, config, identity, provenance)
+        self.device = model_device(model)
+
+    def load(self, sample: PairLike):
+        return _load(sample, self.config)
+
+    def collate(self, samples: list[PairLike], loaded: list[Any]) -> tuple[list, list, torch.Tensor, torch.Tensor,
+                                                                          torch.Tensor]:
+        images = torch.stack([item[0] for item in loaded]).to(self.device)
+        labels_a = torch.tensor([item[3] for item in loaded], device=self.device)
+        labels_b = torch.tensor([item[4] for item in loaded], device=self.device)
+        return samples, loaded, images, labels_a, labels_b
+
+    def records(self, explain: Explain, method: str, batch: Any, needs: list[list[tuple]],
+                failures: list[Failure]) -> list[dict]:
+        samples, loaded, images, labels_a, labels_b = batch
+        rows = [i for i, keys in enumerate(needs) if keys]
+        idx = torch.tensor(rows, device=self.device)
+        x = self.config.normalization(images[idx])
+        res_a = explain(x, target=labels_a[idx])
+        res_b = explain(x, target=labels_b[idx])
+        maps_a = res_a.upsampled(size=self.config.image_size)
+        maps_b = res_b.upsampled(size=self.config.image_size)
+        top2 = res_a.logits.topk(min(2, res_a.logits.shape[-1]), dim=-1).indices.cpu()
+        records = []
+        for j, i in enumerate(rows):
+            if not (torch.isfinite(maps_a[j]).all() and torch.isfinite(maps_b[j]).all()):
+                report_non_finite(failures, samples[i].id, method)
+                continue
+            _, mask_a, mask_b, label_a, label_b = loaded[i]
+            records.append({
+                "method": method, "id": samples[i].id, "labels": [label_a, label_b],
+                "pred": int(top2[j, 0]), "top2": {label_a, label_b} <= set(top2[j].tolist()),
+                **pair_scores(maps_a[j], maps_b[j], mask_a, mask_b),
+            })
+        return records
+
+    def summarise(self, records: Mapping[tuple, dict], ids: Sequence[str], methods: Sequence[str],
+                  cfg: str) -> dict[str, Any]:
+        return summarise_class_specificity(records, ids, methods, cfg)
+
+    def report_files(self) -> tuple[str, ...]:
+        return (TABLE_FILE, PLOT_FILE)
+
+    def write_reports(self, summary: Mapping[str, Any], folder: Path) -> None:
+        atomic_write_text(folder / TABLE_FILE, markdown_table(summary) + "\n")
+        plot_class_specificity(summary, folder / PLOT_FILE)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        add_model_data(parser)
+        parser.add_argument("--format", choices=["fashion"], default="fashion",
+                            help="fashion: pair canvases of the Fashion-MNIST test split, DATA = the "
+                                 "Fashion-MNIST folder")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, device: torch.device) -> ClassSpecificityBenchmark:
+        model, size, norm = load_vision(args, device)
+        samples = fashion.pair_samples(root=args.data)[: args.limit]
+        return cls(model, samples, ClassSpecificityConfig(size, norm), fashion_data(args, data="fashion_pairs"),
+                   provenance(args))
+
+    def print_summary(self, summary: Mapping[str, Any]) -> None:
+        print(markdown_table(summary))
+
+
 def run_class_specificity(
     model: torch.nn.Module,
     explainer: Explainer,
@@ -111,52 +188,14 @@ def run_class_specificity(
     progress: bool = True,
     restart: bool = False,
     provenance: Mapping[str, Any] | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the class-specificity test; writes summary JSON, table and plot.
-    ``identity``, ``restart`` and ``provenance`` as in ``perturbation.run_perturbation``."""
-    device = model_device(model)
-    failures: list[Failure] = []
-
-    with (open_run(out_dir, "class_specificity", model, samples, identity, config, OUTPUT_FILES, restart,
-                   provenance) as run,
-          ResultStore(run.folder / RESULTS_FILE, ("cfg", "method", "id")) as store):
-        run.check_records(store.records.values())
-        cfg = run.cfg
-        pending = pending_samples(samples, lambda s: all((cfg, m, s.id) in store for m in methods), "pairs")
-        for batch, loaded in load_batches(pending, lambda s: _load(s, config), batch_size, failures,
-                                          progress, desc="class specificity"):
-            images = torch.stack([item[0] for item in loaded]).to(device)
-            labels_a = torch.tensor([item[3] for item in loaded], device=device)
-            labels_b = torch.tensor([item[4] for item in loaded], device=device)
-            for method in methods:
-                rows = [i for i, s in enumerate(batch) if (cfg, method, s.id) not in store]
-                if not rows:
-                    continue
-                idx = torch.tensor(rows, device=device)
-                x = config.normalization(images[idx])
-                res_a = explainer.explain(x, method=method, target=labels_a[idx])
-                res_b = explainer.explain(x, method=method, target=labels_b[idx])
-                maps_a = res_a.upsampled(size=config.image_size)
-                maps_b = res_b.upsampled(size=config.image_size)
-                top2 = res_a.logits.topk(min(2, res_a.logits.shape[-1]), dim=-1).indices.cpu()
-                records = []
-                for j, i in enumerate(rows):
-                    if not (torch.isfinite(maps_a[j]).all() and torch.isfinite(maps_b[j]).all()):
-                        report_non_finite(failures, batch[i].id, method)
-                        continue
-                    _, mask_a, mask_b, label_a, label_b = loaded[i]
-                    records.append({
-                        "method": method, "id": batch[i].id, "labels": [label_a, label_b],
-                        "pred": int(top2[j, 0]), "top2": {label_a, label_b} <= set(top2[j].tolist()),
-                        **pair_scores(maps_a[j], maps_b[j], mask_a, mask_b),
-                    })
-                store.add(run.stamp(records))
-        require_results(samples, failures, (r["id"] for r in store.records.values()))
-        summary = summarise_class_specificity(store.records, [s.id for s in samples], methods, cfg)
-        write_summary(run.folder / SUMMARY_FILE, summary, run, len(samples), failures)
-        atomic_write_text(run.folder / TABLE_FILE, markdown_table(summary) + "\n")
-        plot_class_specificity(summary, run.folder / PLOT_FILE)
-    return summary
+    ``identity``, ``restart``, ``provenance`` and ``options`` as in
+    ``perturbation.run_perturbation``."""
+    benchmark = ClassSpecificityBenchmark(model, samples, config, identity, provenance)
+    return run_benchmark(benchmark, explainer, methods, out_dir, options=options, batch_size=batch_size,
+                         progress=progress, restart=restart)
 
 
 def _metrics(found: list[dict]) -> dict[str, Any]:

@@ -1,59 +1,60 @@
-"""``relprop eval perturbation|segmentation|class-specificity``: the paper's vision
-benchmarks, and a class-specificity test on two-item canvases, from the shell.
-
-``--format fashion`` runs on relprop's cluttered Fashion-MNIST canvases (test split, canvas
-seed 0, the bundled model's benchmark canvases): ``--data`` is then the folder of the
-Fashion-MNIST ``*-ubyte.gz`` files and ``--limit N`` takes the first N canvases.
+"""``relprop eval NAME``: every registered benchmark (``runner.BENCHMARKS``) from the shell,
+with one shape: the benchmark's own options (``Benchmark.add_arguments``) plus the runner's
+(--out, --restart, --methods, --option, --start-layer, --limit, --batch-size, --device,
+--launcher ...).
 
 A rerun into the same ``--out`` resumes; results made with other model weights, data or
 settings are refused (``--restart`` moves them aside), and a folder in use by another run is
-refused (see ``rundir``). Wire into the top-level parser with ``register(subparsers)``; the
-``eval`` parser sets ``run=run``, and ``run(args)`` returns the exit status or raises a
-``RelpropError`` (``relprop.cli.main`` prints it as one line).
+refused (see ``rundir``). ``--launcher torchrun --nproc-per-node N`` runs the command under
+``torchrun`` (as does ``torchrun --nproc-per-node N -m relprop eval ...``): sample i goes to
+rank i % N, rank 0 merges and writes the summary.
+
+Wire into the top-level parser with ``register(subparsers)``; the ``eval`` parser sets
+``run=run``, and ``run(args)`` returns the exit status or raises a ``RelpropError``
+(``relprop.cli.main`` prints it as one line).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import logging
-import math
-from collections.abc import Callable, Sequence
-from pathlib import Path
+import os
+import sys
+import time
+from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 import torch
 
 from ..cli import positive_int
-from ..errors import Interrupted, UnknownMethodError, UnsupportedModelError, UsageError, did_you_mean
+from ..errors import Interrupted, OptionError, RunFailure, UnknownMethodError, UsageError, did_you_mean
 from ..files import output_dir
-from . import datasets, fashion, loading
-from .class_specificity import ClassSpecificityConfig, markdown_table, run_class_specificity
-from .images import Normalization
-from .perturbation import MODES, PerturbationConfig, run_perturbation
-from .runner import logits_function
-from .segmentation import SegmentationConfig, run_segmentation
+from .runner import BENCHMARKS, Benchmark, SilentRankError, run_benchmark
 
 log = logging.getLogger(__name__)
 
 DEFAULT_METHODS = ("transformer_attribution", "rollout", "raw_attention", "attn_gradcam",
                    "partial_lrp", "lrp", "grad_rollout", "attnlrp", "cp_lrp")
+# Modules whose import registers their benchmarks (``register_benchmark``).
+BENCHMARK_MODULES = ("relprop.eval.perturbation", "relprop.eval.segmentation", "relprop.eval.class_specificity",
+                     "relprop.eval.rationale")
+# How long a rank other than 0 waits before failing (see ``_other_rank_exit``).
+OTHER_RANK_EXIT_DELAY_S = 5.0
+# The methods that --start-layer sets start_layer of.
+START_LAYER_METHODS = ("transformer_attribution", "rollout")
 
 
-def _replace(value: str) -> float | str:
-    if value == "blur":
-        return value
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
-    if not (math.isfinite(number) and 0 <= number <= 1):  # NaN/inf pixels are no "removal" the model can see
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] (image space) or 'blur', got {value!r}")
-    return number
+def benchmarks() -> dict[str, type[Benchmark]]:
+    """The registered benchmarks by command name, after importing ``BENCHMARK_MODULES``."""
+    for module in BENCHMARK_MODULES:
+        importlib.import_module(module)
+    return dict(sorted(BENCHMARKS.items()))
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="model folder (save_pretrained) or Hugging Face Hub id")
-    parser.add_argument("--data", required=True, help="dataset path (see --format)")
+def _add_runner_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True,
                         help="output folder; rerunning the same command into it resumes (it refuses results of "
                              "other model weights, data or settings: see --restart)")
@@ -62,70 +63,44 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                              "--out/previous-<time>/ instead of resuming")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), metavar="METHOD",
                         help="explanation methods (default: all nine)")
+    parser.add_argument("--option", action="append", default=[], metavar="METHOD:NAME=VALUE",
+                        help="an option of one method, passed to Explainer.explain (repeatable; VALUE is read "
+                             "as JSON, else as a string), e.g. --option transformer_attribution:start_layer=1")
+    parser.add_argument("--start-layer", type=int,
+                        help="start_layer of transformer_attribution and rollout (default: relprop's, 0 for "
+                             "vision; the authors' ViT benchmark scripts used 1); short for two --option")
     parser.add_argument("--limit", type=positive_int, metavar="N",
                         help="evaluate only the first N samples (sorted order)")
     parser.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
-                        help="images per explanation pass (default 8)")
-    parser.add_argument("--image-size", type=positive_int, nargs="+", metavar="N",
-                        help="input H [W] (default: the model config's image_size)")
-    parser.add_argument("--mean", type=float, nargs=3, help="normalisation mean (default: the model's processor)")
-    parser.add_argument("--std", type=float, nargs=3, help="normalisation std (default: the model's processor)")
-    parser.add_argument("--device", help="torch device: cpu, cuda, cuda:N, mps (default: cuda if available, else cpu)")
+                        help="samples per explanation pass (default 8)")
+    parser.add_argument("--device", help="torch device: cpu, cuda, cuda:N, mps (default: cuda if available, else "
+                                         "cpu; under torchrun each rank takes cuda:LOCAL_RANK)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("--start-layer", type=int,
-                        help="start_layer of transformer_attribution and rollout (default: relprop's, 0 for "
-                             "vision; the authors' ViT benchmark scripts used 1)")
+    parser.add_argument("--launcher", choices=["none", "torchrun"], default="none",
+                        help="torchrun: run this command in --nproc-per-node processes (torch.distributed; "
+                             "gloo on CPU, nccl on GPU), sample i on rank i %% N")
+    parser.add_argument("--nproc-per-node", type=positive_int, default=1, metavar="N",
+                        help="processes for --launcher torchrun (default 1)")
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``eval`` with its ``perturbation``, ``segmentation`` and ``class-specificity``
-    subcommands."""
+    """Add ``eval`` with one subcommand per registered benchmark."""
+    found = benchmarks()
     parser = subparsers.add_parser(
-        "eval", help="run the paper's perturbation and segmentation benchmarks",
-        description="Benchmarks of Chefer et al. (CVPR 2021), defined as in the authors' scripts.")
-    sub = parser.add_subparsers(dest="eval_command", required=True, metavar="{perturbation,segmentation,class-specificity}")
-
-    pert = sub.add_parser("perturbation", help="positive/negative perturbation test (AUC of top-1 accuracy)",
-                          description="Remove 10%..90% of the most (positive) or least (negative) relevant "
-                                      "pixels and record top-1 accuracy against the true label.")
-    _add_common(pert)
-    pert.add_argument("--format", choices=["imagefolder", "fashion"], default="imagefolder",
-                      help="imagefolder: DATA/<class_dir>/<image> (ImageNet layout); fashion: cluttered "
-                           "Fashion-MNIST test canvases, DATA = the Fashion-MNIST folder")
-    pert.add_argument("--labels", help="class index of each folder: a .json {folder: index}, a .txt with one "
-                                       "folder name per line (index = line), or 'model' for the model's "
-                                       "label2id (default: position among the sorted folder names)")
-    pert.add_argument("--mode", choices=[*MODES, "both"], default="both",
-                      help="remove the most (positive) or least (negative) relevant pixels first (default both)")
-    pert.add_argument("--target", choices=["predicted", "true"], default="predicted",
-                      help="class to explain (default: predicted, as the paper)")
-    pert.add_argument("--rank", choices=["pixel", "patch"], default="pixel",
-                      help="rank pixels of the upsampled map (paper) or whole patches")
-    pert.add_argument("--replace", type=_replace, default=0.0,
-                      help="value of removed pixels in [0, 1] image space (default 0, the paper), or 'blur'")
-    pert.add_argument("--forward-batch-size", type=positive_int, default=64, metavar="N",
-                      help="perturbed images per forward pass (default 64)")
-
-    seg = sub.add_parser("segmentation", help="ImageNet-segmentation test (pixel accuracy, mIoU, mAP)",
-                         description="Threshold each map at its mean and compare with the object mask.")
-    _add_common(seg)
-    seg.add_argument("--format", choices=["mat", "masks", "fashion"],
-                     help="mat: gtsegs_ijcv.mat; masks: DATA/images/NAME.ext + DATA/masks/NAME.png, "
-                          "mask > 0 = foreground; fashion: Fashion-MNIST test canvases with the item "
-                          "mask, DATA = the Fashion-MNIST folder (default: mat for a file, masks for a folder)")
-
-    spec = sub.add_parser("class-specificity", help="two-item canvases: is each class's map on its own item?",
-                          description="Explain both classes of two-item Fashion-MNIST canvases; report the "
-                                      "share of positive relevance on the explained item, how often it gets "
-                                      "more than the other item, and the class sensitivity of the maps.")
-    _add_common(spec)
-    spec.add_argument("--format", choices=["fashion"], default="fashion",
-                      help="fashion: pair canvases of the Fashion-MNIST test split, DATA = the Fashion-MNIST folder")
+        "eval", help="run a benchmark (" + ", ".join(found) + ")",
+        description="Benchmarks of Chefer et al. (CVPR 2021), defined as in the authors' scripts, and "
+                    "relprop's own; all resumable, all through one runner.")
+    sub = parser.add_subparsers(dest="eval_command", required=True, metavar="{" + ",".join(found) + "}")
+    for name, cls in found.items():
+        bench = sub.add_parser(name, help=cls.help, description=cls.description or cls.help)
+        cls.add_arguments(bench)
+        _add_runner_arguments(bench)
+        bench.set_defaults(benchmark=cls)
     parser.set_defaults(run=run)
     return parser
 
 
-def check_methods(methods: list[str]) -> None:
+def check_methods(methods: Sequence[str]) -> None:
     """``UnknownMethodError`` for a method name relprop does not have."""
     import relprop
 
@@ -135,23 +110,56 @@ def check_methods(methods: list[str]) -> None:
                                      f"{', '.join(sorted(relprop.methods()))}.{did_you_mean(method, relprop.methods())}")
 
 
-def make_explainer(model: torch.nn.Module, methods: list[str], start_layer: int | None = None) -> Any:
+def make_explainer(model: torch.nn.Module, methods: Sequence[str]) -> Any:
     """``relprop.Explainer`` for the model, after checking the method names."""
     import relprop
 
     check_methods(methods)
-    explainer = relprop.Explainer(model)
-    if start_layer is None:
-        return explainer
-    return fashion.MethodOptions(explainer, {m: {"start_layer": start_layer}
-                                             for m in ("transformer_attribution", "rollout")})
+    return relprop.Explainer(model)
+
+
+def parse_options(specs: Sequence[str], start_layer: int | None, methods: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per method, the options of ``--option METHOD:NAME=VALUE`` (and ``--start-layer``) for the
+    methods that run; an option a method does not have is an ``OptionError``."""
+    from ..attributions.base import get_method
+
+    options: dict[str, dict[str, Any]] = {}
+    if start_layer is not None:
+        for method in START_LAYER_METHODS:
+            options.setdefault(method, {})["start_layer"] = start_layer
+    for spec in specs:
+        method, colon, rest = spec.partition(":")
+        name, equals, text = rest.partition("=")
+        if not (colon and equals and method and name):
+            raise UsageError(f"--option {spec!r}: expected METHOD:NAME=VALUE, e.g. "
+                             "--option transformer_attribution:start_layer=1")
+        try:
+            value: Any = json.loads(text)
+        except ValueError:
+            value = text  # a bare word: a string option
+        options.setdefault(method, {})[name] = value
+    for method in options:
+        if method not in methods and method not in START_LAYER_METHODS:
+            raise UsageError(f"--option for {method!r}, which is not among --methods ({', '.join(methods)})")
+    chosen = {m: o for m, o in options.items() if m in methods}
+    for method, given in chosen.items():
+        known = get_method(method).options
+        for name in given:
+            if name not in known:
+                raise OptionError(f"--option {method}:{name}: method {method!r} has no option {name!r}."
+                                  f"{did_you_mean(name, known)} Its options: {', '.join(sorted(known)) or 'none'}")
+    return chosen
 
 
 def _device(spec: str | None) -> torch.device:
     """The ``--device`` to run on, checked before any work: a name torch does not know, or a
-    device this machine or torch build lacks, is a usage error."""
+    device this machine or torch build lacks, is a usage error. Under torchrun a CUDA rank
+    takes ``cuda:LOCAL_RANK``."""
+    local_rank = os.environ.get("LOCAL_RANK")
     if spec is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda" and local_rank is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        spec = f"cuda:{local_rank}"
     try:
         device = torch.device(spec)
     except (RuntimeError, ValueError):
@@ -164,172 +172,129 @@ def _device(spec: str | None) -> torch.device:
     return device
 
 
-def _preprocessing(args: argparse.Namespace, model: torch.nn.Module) -> tuple[tuple[int, int], Normalization]:
-    preprocessor = loading.read_preprocessor_config(args.model)
-    model_size = loading.image_size(model, preprocessor)
-    if args.image_size:
-        if len(args.image_size) > 2:
-            raise UsageError(f"--image-size takes H or H W, got {len(args.image_size)} numbers")
-        size = (args.image_size[0], args.image_size[-1])
-    else:
-        size = model_size
-    _check_input_size(model, size, model_size, given=bool(args.image_size))
-    norm = loading.normalization(preprocessor)
-    for option, values in (("--mean", args.mean), ("--std", args.std)):
-        if values and not all(math.isfinite(v) for v in values):
-            raise UsageError(f"{option} takes three finite numbers, got {values}")
-    if args.std and 0 in args.std:
-        raise UsageError(f"--std must be non-zero (it divides), got {args.std}")
-    norm = Normalization(tuple(args.mean) if args.mean else norm.mean, tuple(args.std) if args.std else norm.std)
-    return size, norm
-
-
-@torch.no_grad()
-def _check_input_size(model: torch.nn.Module, size: tuple[int, int], model_size: tuple[int, int],
-                      given: bool) -> None:
-    """One forward pass on a blank image of ``size``: a size the model cannot take is refused
-    now, naming the size it takes, instead of failing on every batch."""
-    device = next(model.parameters()).device
-    try:
-        logits_function(model)(torch.zeros(1, 3, *size, device=device))
-    except Exception as error:  # whatever the model raises on that shape
-        detail = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        h, w = size
-        if given:
-            raise UsageError(f"--image-size {h} {w}: the model cannot take {h}x{w} images, it takes "
-                             f"{model_size[0]}x{model_size[1]}; leave --image-size out or give "
-                             f"{model_size[0]} {model_size[1]} (model: {detail})") from None
-        raise UnsupportedModelError(f"the model fails on a {h}x{w} image, the size its config names; give "
-                                    f"--image-size (model: {detail})") from None
-
-
-def _label_map(spec: str | None, model: torch.nn.Module) -> dict[str, int] | None:
-    if spec is None:
-        return None
-    if spec == "model":
-        return {str(k): int(v) for k, v in model.config.label2id.items()}
-    return datasets.read_label_map(spec)
-
-
-def _identity(args: argparse.Namespace, data: dict[str, Any]) -> dict[str, Any]:
-    """Settings beyond the benchmark's config that change results. Paths are left out (see
-    ``_provenance``): the model's weights and the samples' files are fingerprinted instead."""
-    identity = dict(data)
-    if args.start_layer is not None:
-        identity["start_layer"] = args.start_layer
-    return identity
-
-
-def _provenance(args: argparse.Namespace) -> dict[str, str]:
-    """Where the model and data came from: noted in the summary, not compared on resume."""
-    model = Path(args.model)
-    return {"model": str(model.resolve()) if model.is_dir() else args.model, "data": str(Path(args.data).resolve())}
-
-
-def _fashion_data(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
-    identity = fashion.canvas_identity(root=args.data)
-    del identity["data_root"]  # a path; the idx files are fingerprinted per sample
-    return {**identity, **extra}
-
-
 def run(args: argparse.Namespace) -> int:
     """Run the chosen benchmark; prints a results table, returns the exit status. Problems
-    are raised as ``RelpropError``s; Ctrl-C as ``Interrupted`` (finished results are kept)."""
+    are raised as ``RelpropError``s (on rank 0 only, under torchrun); Ctrl-C as
+    ``Interrupted`` (finished results are kept)."""
+    if args.launcher == "torchrun":
+        return _launch_torchrun(args)
+    rank = int(os.environ.get("RANK", "0"))
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=logging.INFO if rank == 0 else logging.ERROR,
+                            format="%(levelname)s %(name)s: %(message)s")
     try:
         return _run(args)
+    except SilentRankError as error:  # rank 0 prints it
+        return _other_rank_exit(error.exit_code)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; rerun the same command to resume (finished results are kept in "
                           f"{args.out})") from None
+    except Exception as error:
+        if rank == 0:
+            raise
+        # Most errors happen on every rank alike: rank 0 reports them. One of this rank's own
+        # is reported by this rank, if rank 0 has not failed (and been stopped) meanwhile.
+        _other_rank_exit(0)
+        print(f"relprop: error (rank {rank}): {error}", file=sys.stderr)
+        sys.exit(getattr(error, "exit_code", 1))
+
+
+def _other_rank_exit(code: int) -> int:
+    """A rank other than 0 waits a moment before it fails: torchrun stops every rank when the
+    first one exits, and rank 0 must have printed the error line by then."""
+    time.sleep(OTHER_RANK_EXIT_DELAY_S)
+    return code
 
 
 def _run(args: argparse.Namespace) -> int:
     device = _device(args.device)
-    output_dir(args.out)
-    args.methods = list(dict.fromkeys(args.methods))  # a method named twice is run once
-    prepare = {"perturbation": _prepare_perturbation, "segmentation": _prepare_segmentation,
-               "class-specificity": _prepare_class_specificity}[args.eval_command]
-    model = loading.load_model(args.model, device)
-    size, norm = _preprocessing(args, model)
-    explainer = make_explainer(model, args.methods, args.start_layer)
-    job = prepare(args, model, size, norm)
-    summary = job(explainer)
-    skipped = {f["id"] for f in summary["failed"]}
-    if skipped:
-        print(f"{len(skipped)} of {summary['samples']} samples skipped (unreadable, invalid or with non-finite "
-              "maps; listed under 'failed' in the summary)")
-    print(f"results in {args.out}")
+    distributed = _init_distributed(device)
+    try:
+        output_dir(args.out)
+        args.methods = list(dict.fromkeys(args.methods))  # a method named twice is run once
+        options = parse_options(args.option, args.start_layer, args.methods)
+        cls: type[Benchmark] = args.benchmark
+        benchmark = cls.from_args(args, device)
+        explainer = make_explainer(benchmark.model, args.methods)
+        summary = run_benchmark(benchmark, explainer, args.methods, args.out, options=options,
+                                batch_size=args.batch_size, progress=not args.no_progress, restart=args.restart)
+        if int(os.environ.get("RANK", "0")) == 0:
+            benchmark.print_summary(summary)
+            skipped = {f["id"] for f in summary["failed"]}
+            if skipped:
+                print(f"{len(skipped)} of {summary['samples']} samples skipped (unreadable, invalid or with "
+                      "non-finite maps; listed under 'failed' in the summary)")
+            print(f"results in {args.out}")
+        return 0
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _init_distributed(device: torch.device) -> bool:
+    """Join the torchrun process group (gloo on CPU, nccl on CUDA) when started by torchrun
+    with more than one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # Ranks wait for each other at the start (rank 0 checks the folder) and the end: allow a
+    # slow rank a long time.
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=6))
+    return True
+
+
+def _launch_torchrun(args: argparse.Namespace) -> int:
+    """Run this command (less --launcher) as ``torchrun --standalone --nproc-per-node N -m relprop
+    eval ...``, in this process; returns the exit status of the failing rank (rank 0's, which
+    printed the one-line error, when it failed) or 0. torchrun's own log lines are silenced."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    argv = _argv_without_launcher(getattr(args, "argv", None) or sys.argv[1:])
+    for name in ("torch.distributed", "torch.distributed.run", "torch.distributed.elastic"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads(args.nproc_per_node)))
+    launch = torchrun.parse_args(["--standalone", f"--nproc-per-node={args.nproc_per_node}",
+                                  "--module", "relprop", *argv])
+    try:
+        torchrun.run(launch)
+    except ChildFailedError as failure:
+        failures = dict(sorted(failure.failures.items()))
+        printed = [f.exitcode for f in failures.values() if f.exitcode > 0]  # these ranks said why
+        if printed:
+            return printed[0]
+        killed = ", ".join(f"rank {rank} by signal {-f.exitcode} ({f.signal_name()})" for rank, f in failures.items())
+        raise RunFailure(f"processes were stopped ({killed}); rerun the same command to resume (finished "
+                         f"results are kept in {args.out})") from None
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; rerun the same command to resume (finished results are kept in "
+                          f"{args.out})") from None
     return 0
 
 
-def _prepare_perturbation(args, model, size, norm) -> Callable[[Any], dict[str, Any]]:
-    if args.format == "fashion":
-        if args.labels is not None:
-            raise UsageError("--labels does not apply to --format fashion (labels are the Fashion-MNIST classes)")
-        label_map = None
-        samples: Sequence[datasets.Labelled] = fashion.canvas_images(root=args.data)[: args.limit]
-        identity = _identity(args, _fashion_data(args, labels="fashion-mnist"))
-    else:
-        label_map = _label_map(args.labels, model)
-        samples = datasets.image_folder(args.data, label_map)[: args.limit]
-        labels = "sorted-folders" if args.labels is None else "model" if args.labels == "model" else "file"
-        identity = _identity(args, {"data": "imagefolder", "labels": labels})
-    if label_map is None and args.format != "fashion":
-        n_classes = len({s.label for s in samples})
-        if n_classes != model.config.num_labels:
-            log.warning("%d class folders but the model has %d classes: indices from sorted folder names "
-                        "are likely wrong; pass --labels", n_classes, model.config.num_labels)
-    config = PerturbationConfig(
-        image_size=size, normalization=norm, modes=MODES if args.mode == "both" else (args.mode,),
-        target=args.target, rank=args.rank, replace=args.replace,
-        patch_size=loading.patch_size(model) if args.rank == "patch" else None)
-
-    def job(explainer: Any) -> dict[str, Any]:
-        summary = run_perturbation(model, explainer, samples, args.methods, args.out, config, identity,
-                                   args.batch_size, args.forward_batch_size, not args.no_progress,
-                                   args.restart, _provenance(args))
-        print(f"{'method':<26}" + "".join(f"{mode + ' AUC':>16}" for mode in config.modes))
-        for method, entries in summary["results"].items():
-            cells = [entries[mode]["auc"] for mode in config.modes]
-            print(f"{method:<26}" + "".join(f"{'-' if c is None else f'{c:.2f}':>16}" for c in cells))
-        return summary
-
-    return job
+def _threads(processes: int) -> int:
+    return max(1, (os.cpu_count() or 1) // processes)
 
 
-def _prepare_segmentation(args, model, size, norm) -> Callable[[Any], dict[str, Any]]:
-    fmt = args.format or ("masks" if Path(args.data).is_dir() else "mat")
-    if fmt == "fashion":
-        samples, identity = fashion.canvas_segmentation(root=args.data), _identity(args, _fashion_data(args))
-    else:
-        samples = datasets.mask_folder(args.data) if fmt == "masks" else datasets.mat_segmentation(args.data)
-        identity = _identity(args, {"data": fmt})
-    samples = samples[: args.limit]
-    config = SegmentationConfig(size, norm)
-
-    def job(explainer: Any) -> dict[str, Any]:
-        summary = run_segmentation(model, explainer, samples, args.methods, args.out, config, identity,
-                                   args.batch_size, not args.no_progress, args.restart, _provenance(args))
-        print(f"{'method':<26}{'pixel acc %':>14}{'mIoU %':>10}{'mAP %':>10}")
-        for method, r in summary["results"].items():
-            cells = [r["pixel_accuracy"], r["mIoU"], r["mAP"]]
-            print(f"{method:<26}" + "".join(f"{'-' if c is None else f'{100 * c:.2f}':>{w}}"
-                                           for c, w in zip(cells, (14, 10, 10))))
-        return summary
-
-    return job
-
-
-def _prepare_class_specificity(args, model, size, norm) -> Callable[[Any], dict[str, Any]]:
-    samples = fashion.pair_samples(root=args.data)[: args.limit]
-    config = ClassSpecificityConfig(size, norm)
-    identity = _identity(args, _fashion_data(args, data="fashion_pairs"))
-
-    def job(explainer: Any) -> dict[str, Any]:
-        summary = run_class_specificity(model, explainer, samples, args.methods, args.out, config, identity,
-                                        args.batch_size, not args.no_progress, args.restart, _provenance(args))
-        print(markdown_table(summary))
-        return summary
-
-    return job
+def _argv_without_launcher(argv: Sequence[str]) -> list[str]:
+    """``argv`` without --launcher/--nproc-per-node (in either --flag value or --flag=value form)."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in ("--launcher", "--nproc-per-node"):
+            skip = True
+            continue
+        if arg.startswith(("--launcher=", "--nproc-per-node=")):
+            continue
+        out.append(arg)
+    return out

@@ -7,8 +7,6 @@ and the benchmark runners.
   for ``run_segmentation``.
 * ``pair_samples``: two-item canvases (items of different classes, disjoint masks) for
   ``class_specificity.run_class_specificity``.
-* ``MethodOptions``: an explainer wrapper that passes per-method options (e.g. the paper's
-  ``start_layer=1``) through runners that call ``explain(x, method=..., target=...)``.
 
 Sample ids are ``"<split>/<seed>/<index>"``; the canvas settings belong in the run's
 identity (``canvas_identity``) so that records made with other canvases are never mixed.
@@ -18,7 +16,6 @@ from __future__ import annotations
 
 import os
 from functools import partial
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,28 +125,3 @@ def canvas_identity(split: str = "test", seed: int = 0, config: CanvasConfig = C
     """What the canvases depend on, for a run's ``identity``."""
     return {"data": kind, "split": split, "canvas_seed": seed, "canvas_config": asdict(config),
             "data_root": str(resolve_root(root).resolve())}
-
-
-class MethodOptions:
-    """Explainer wrapper adding per-method keyword options to every ``explain`` call.
-
-    ``MethodOptions(relprop.Explainer(model), {"transformer_attribution": {"start_layer": 1}})``
-    lets the runners (which call ``explain(x, method=m, target=t)``) use the paper's settings.
-    Put ``options`` into the run's identity too (``identity()``), since they change the maps.
-    """
-
-    def __init__(self, explainer: Any, options: Mapping[str, Mapping[str, Any]] | None = None):
-        self.explainer = explainer
-        self.options = {m: dict(o) for m, o in (options or {}).items()}
-
-    def explain(self, pixel_values, method: str, target=None, **options):
-        return self.explainer.explain(pixel_values, method=method, target=target,
-                                      **{**self.options.get(method, {}), **options})
-
-    def identity(self) -> dict[str, Any]:
-        return {"method_options": {m: o for m, o in sorted(self.options.items()) if o}}
-
-    def __getattr__(self, name: str) -> Any:  # labels, model, ... of the wrapped explainer
-        if name == "explainer":  # not set yet (copy/unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.explainer, name)

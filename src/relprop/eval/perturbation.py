@@ -9,7 +9,9 @@ the clean accuracy and is summarised by its AUC.
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -20,22 +22,23 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..cli import positive_int
+from ..errors import UsageError
 from ..result import normalize
+from . import datasets, fashion, loading
+from .args import add_model_data, fashion_data, label_map, load_vision, provenance
 from .datasets import Labelled
 from .images import Normalization, blurred, to_unit_tensor
 from .metrics import PERTURBATION_FRACTIONS, perturbation_auc
 from .report import plot_perturbation
-from .rundir import open_run
-from .runner import (Explainer, Explanation, Failure, load_batches, logits_function, model_device,
-                     pending_samples, predict, report_non_finite, require_results, write_summary)
-from .store import ResultStore
+from .runner import (Benchmark, Explain, Explainer, Explanation, Failure, logits_function, model_device, predict,
+                     register_benchmark, report_non_finite, run_benchmark)
+
+log = logging.getLogger(__name__)
 
 
 MODES = ("positive", "negative")
-RESULTS_FILE = "perturbation.jsonl"
-SUMMARY_FILE = "perturbation_summary.json"
 PLOT_FILE = "perturbation.png"
-OUTPUT_FILES = (RESULTS_FILE, SUMMARY_FILE, PLOT_FILE)
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,7 @@ class _Batch:
     clean: torch.Tensor  # top-1 class of the unperturbed images
 
 
-def _method_records(explainer: Explainer, logits_fn, method: str, batch: _Batch, needs: list[list[str]],
+def _method_records(explain: Explain, logits_fn, method: str, batch: _Batch, needs: list[list[str]],
                     config: PerturbationConfig, chunk: int, failures: list[Failure]) -> list[dict]:
     """Explain the batch rows that still need ``method`` once, then run each pending mode
     (records without the run's stamp, see ``Run.stamp``)."""
@@ -158,7 +161,7 @@ def _method_records(explainer: Explainer, logits_fn, method: str, batch: _Batch,
         return []
     idx = torch.tensor(rows, device=batch.images.device)
     target = batch.labels[idx] if config.target == "true" else None
-    res = explainer.explain(config.normalization(batch.images[idx]), method=method, target=target)
+    res = explain(config.normalization(batch.images[idx]), target=target)
     scores = ranking_scores(res, config).to(batch.images.device)
     explained = res.target.tolist()
     finite = torch.isfinite(scores.flatten(1)).all(dim=1).tolist()
@@ -184,6 +187,121 @@ def _method_records(explainer: Explainer, logits_fn, method: str, batch: _Batch,
     return records
 
 
+@register_benchmark
+class PerturbationBenchmark(Benchmark):
+    """The positive / negative perturbation test (records per method, mode and image)."""
+
+    name = "perturbation"
+    help = "positive/negative perturbation test (AUC of top-1 accuracy)"
+    description = ("Remove 10%..90% of the most (positive) or least (negative) relevant pixels and record "
+                   "top-1 accuracy against the true label.")
+    key_fields = ("method", "mode", "id")
+
+    def __init__(self, model: torch.nn.Module, samples: Sequence[Labelled],
+                 config: PerturbationConfig = PerturbationConfig(), identity: Mapping[str, Any] | None = None,
+                 provenance: Mapping[str, Any] | None = None, forward_batch_size: int = 64):
+        super().__init__(model, samples, config, identity, provenance)
+        self.logits_fn = logits_function(model)
+        self.device = model_device(model)
+        self.forward_batch_size = forward_batch_size
+
+    def keys(self, sample_id: str, method: str) -> list[tuple]:
+        return [(method, mode, sample_id) for mode in self.config.modes]
+
+    def load(self, sample: Labelled) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return _load(sample, self.config)
+
+    def collate(self, samples: list[Labelled], loaded: list[Any]) -> _Batch:
+        images = torch.stack([image for image, _ in loaded]).to(self.device)
+        if self.config.replace == "blur":
+            replacement = torch.stack([blur for _, blur in loaded]).to(self.device)
+        else:
+            replacement = torch.tensor(float(self.config.replace), device=self.device).expand_as(images)
+        return _Batch(samples, images, replacement, torch.tensor([s.label for s in samples], device=self.device),
+                      predict(self.logits_fn, self.config.normalization(images), self.forward_batch_size))
+
+    def records(self, explain: Explain, method: str, batch: _Batch, needs: list[list[tuple]],
+                failures: list[Failure]) -> list[dict]:
+        modes = [[key[1] for key in keys] for keys in needs]
+        return _method_records(explain, self.logits_fn, method, batch, modes, self.config,
+                               self.forward_batch_size, failures)
+
+    def summarise(self, records: Mapping[tuple, dict], ids: Sequence[str], methods: Sequence[str],
+                  cfg: str) -> dict[str, Any]:
+        return summarise_perturbation(records, ids, methods, self.config, cfg)
+
+    def report_files(self) -> tuple[str, ...]:
+        return (PLOT_FILE,)
+
+    def write_reports(self, summary: Mapping[str, Any], folder: Path) -> None:
+        plot_perturbation(dict(summary), folder / PLOT_FILE)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        add_model_data(parser)
+        parser.add_argument("--format", choices=["imagefolder", "fashion"], default="imagefolder",
+                            help="imagefolder: DATA/<class_dir>/<image> (ImageNet layout); fashion: cluttered "
+                                 "Fashion-MNIST test canvases, DATA = the Fashion-MNIST folder")
+        parser.add_argument("--labels", help="class index of each folder: a .json {folder: index}, a .txt with "
+                                             "one folder name per line (index = line), or 'model' for the "
+                                             "model's label2id (default: position among the sorted folder names)")
+        parser.add_argument("--mode", choices=[*MODES, "both"], default="both",
+                            help="remove the most (positive) or least (negative) relevant pixels first "
+                                 "(default both)")
+        parser.add_argument("--target", choices=["predicted", "true"], default="predicted",
+                            help="class to explain (default: predicted, as the paper)")
+        parser.add_argument("--rank", choices=["pixel", "patch"], default="pixel",
+                            help="rank pixels of the upsampled map (paper) or whole patches")
+        parser.add_argument("--replace", type=_replace, default=0.0,
+                            help="value of removed pixels in [0, 1] image space (default 0, the paper), or 'blur'")
+        parser.add_argument("--forward-batch-size", type=positive_int, default=64, metavar="N",
+                            help="perturbed images per forward pass (default 64)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, device: torch.device) -> PerturbationBenchmark:
+        model, size, norm = load_vision(args, device)
+        if args.format == "fashion":
+            if args.labels is not None:
+                raise UsageError("--labels does not apply to --format fashion (labels are the Fashion-MNIST "
+                                 "classes)")
+            samples: Sequence[Labelled] = fashion.canvas_images(root=args.data)[: args.limit]
+            identity = fashion_data(args, labels="fashion-mnist")
+        else:
+            labels = label_map(args.labels, model)
+            samples = datasets.image_folder(args.data, labels)[: args.limit]
+            identity = {"data": "imagefolder",
+                        "labels": "sorted-folders" if args.labels is None else "model" if args.labels == "model"
+                        else "file"}
+            if labels is None and len({s.label for s in samples}) != model.config.num_labels:
+                log.warning("%d class folders but the model has %d classes: indices from sorted folder names "
+                            "are likely wrong; pass --labels", len({s.label for s in samples}),
+                            model.config.num_labels)
+        config = PerturbationConfig(
+            image_size=size, normalization=norm, modes=MODES if args.mode == "both" else (args.mode,),
+            target=args.target, rank=args.rank, replace=args.replace,
+            patch_size=loading.patch_size(model) if args.rank == "patch" else None)
+        return cls(model, samples, config, identity, provenance(args), args.forward_batch_size)
+
+    def print_summary(self, summary: Mapping[str, Any]) -> None:
+        modes = self.config.modes
+        print(f"{'method':<26}" + "".join(f"{mode + ' AUC':>16}" for mode in modes))
+        for method, entries in summary["results"].items():
+            cells = [entries[mode]["auc"] for mode in modes]
+            print(f"{method:<26}" + "".join(f"{'-' if c is None else f'{c:.2f}':>16}" for c in cells))
+
+
+def _replace(value: str) -> float | str:
+    if value == "blur":
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not (math.isfinite(number) and 0 <= number <= 1):  # NaN/inf pixels are no "removal" the model can see
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] (image space) or 'blur', got {value!r}")
+    return number
+
+
 def run_perturbation(
     model: torch.nn.Module,
     explainer: Explainer,
@@ -197,46 +315,19 @@ def run_perturbation(
     progress: bool = True,
     restart: bool = False,
     provenance: Mapping[str, Any] | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the perturbation test and write the summary JSON and plot.
 
     ``identity`` names what the records depend on besides ``config``, the model's weights and
-    the samples' files (e.g. the data kind, the label source, method options); ``provenance``
-    what is only noted (paths). Results in ``out_dir`` made by another run are refused
-    (``RunIdentityError``) unless ``restart``, which moves them aside (see ``rundir``).
-    Returns the summary.
+    the samples' files (e.g. the data kind, the label source); ``provenance`` what is only
+    noted (paths); ``options`` per-method options of ``explain``. Results in ``out_dir`` made
+    by another run are refused (``RunIdentityError``) unless ``restart``, which moves them
+    aside (see ``rundir``). Returns the summary.
     """
-    logits_fn = logits_function(model)
-    device = model_device(model)
-    failures: list[Failure] = []
-
-    with (open_run(out_dir, "perturbation", model, samples, identity, config, OUTPUT_FILES, restart,
-                   provenance) as run,
-          ResultStore(run.folder / RESULTS_FILE, ("cfg", "method", "mode", "id")) as store):
-        run.check_records(store.records.values())
-
-        def todo(sample: Labelled, method: str) -> list[str]:
-            return [m for m in config.modes if (run.cfg, method, m, sample.id) not in store]
-
-        pending = pending_samples(samples, lambda s: not any(todo(s, m) for m in methods))
-        for chunk, loaded in load_batches(pending, lambda s: _load(s, config), batch_size, failures,
-                                          progress, desc="perturbation"):
-            images = torch.stack([image for image, _ in loaded]).to(device)
-            if config.replace == "blur":
-                replacement = torch.stack([blur for _, blur in loaded]).to(device)
-            else:
-                replacement = torch.tensor(float(config.replace), device=device).expand_as(images)
-            batch = _Batch(chunk, images, replacement, torch.tensor([s.label for s in chunk], device=device),
-                           predict(logits_fn, config.normalization(images), forward_batch_size))
-            for method in methods:
-                needs = [todo(s, method) for s in chunk]
-                store.add(run.stamp(_method_records(explainer, logits_fn, method, batch, needs, config,
-                                                    forward_batch_size, failures)))
-        require_results(samples, failures, (r["id"] for r in store.records.values()))
-        summary = summarise_perturbation(store.records, [s.id for s in samples], methods, config, run.cfg)
-        write_summary(run.folder / SUMMARY_FILE, summary, run, len(samples), failures)
-        plot_perturbation(summary, run.folder / PLOT_FILE)
-    return summary
+    benchmark = PerturbationBenchmark(model, samples, config, identity, provenance, forward_batch_size)
+    return run_benchmark(benchmark, explainer, methods, out_dir, options=options, batch_size=batch_size,
+                         progress=progress, restart=restart)
 
 
 def summarise_perturbation(records: Mapping[tuple, dict], ids: Sequence[str], methods: Sequence[str],

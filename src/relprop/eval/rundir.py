@@ -159,22 +159,29 @@ def settings_id(settings: Mapping[str, Any]) -> str:
 @contextmanager
 def open_run(out_dir: str | Path, benchmark: str, model: torch.nn.Module, samples: Sequence[Any],
              identity: Mapping[str, Any] | None, config: Any, result_files: Sequence[str], restart: bool = False,
-             provenance: Mapping[str, Any] | None = None) -> Iterator[Run]:
+             provenance: Mapping[str, Any] | None = None, primary: bool = True) -> Iterator[Run]:
     """Lock ``out_dir`` and check (or write) its run record for ``benchmark``.
 
     ``identity`` holds the settings beyond ``config.settings()`` that change a result (data
     kind, labels, method options); ``provenance`` what is only noted (paths). Earlier results
-    (``result_files``) made with other model weights or settings, or with no run record, are
-    refused unless ``restart``, which moves them into ``out_dir/previous-<time>/``.
+    (``result_files``, glob patterns) made with other model weights or settings, or with no run
+    record, are refused unless ``restart``, which moves them into ``out_dir/previous-<time>/``.
+
+    ``primary=False`` (the other ranks of a distributed run, once rank 0 holds the lock and
+    has checked the folder) only computes the same ``Run``: no lock, no check, no writes.
     """
     folder = output_dir(out_dir)
+    # As stored (tuples become lists), so a rerun compares equal to the record it reads back.
+    settings = json.loads(json.dumps({**(identity or {}), **config.settings()}))
+    if not primary:
+        full = {**settings, "model_weights": model_fingerprint(model)}
+        yield Run(folder, benchmark, full, settings_id(full), source_fingerprints(samples), dict(provenance or {}))
+        return
     with folder_lock(folder):
-        # As stored (tuples become lists), so a rerun compares equal to the record it reads back.
-        settings = json.loads(json.dumps({**(identity or {}), **config.settings()}))
         weights = model_fingerprint(model)
         record_path = folder / f"{benchmark}_run.json"
-        existing = [folder / name for name in result_files
-                    if (folder / name).exists() and (folder / name).stat().st_size > 0]
+        existing = sorted(path for pattern in result_files for path in folder.glob(pattern)
+                          if path.is_file() and path.stat().st_size > 0)
         if existing and restart:
             _move_aside(folder, [*existing, record_path], benchmark)
             existing = []

@@ -8,6 +8,7 @@ continuous map and averaged (mAP).
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -17,19 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import datasets, fashion
+from .args import add_model_data, fashion_data, load_vision, provenance
 from .datasets import SegmentationSample
 from .images import Normalization, checked_mask, mask_to_tensor, to_unit_tensor
 from .metrics import (intersection_union, iou_per_class, mean_iou, pixel_accuracy, pixel_counts,
                       segmentation_ap)
-from .rundir import open_run
-from .runner import (Explainer, Failure, load_batches, model_device, pending_samples, report_non_finite,
-                     require_results, write_summary)
-from .store import ResultStore
-
-
-RESULTS_FILE = "segmentation.jsonl"
-SUMMARY_FILE = "segmentation_summary.json"
-OUTPUT_FILES = (RESULTS_FILE, SUMMARY_FILE)
+from .runner import (Benchmark, Explain, Explainer, Failure, model_device, register_benchmark, report_non_finite,
+                     run_benchmark)
 
 
 @dataclass(frozen=True)
@@ -67,6 +63,69 @@ def _load(sample: SegmentationSample, config: SegmentationConfig) -> tuple[torch
     return to_unit_tensor(image, config.image_size), mask_to_tensor(checked_mask(mask, image), config.image_size)
 
 
+@register_benchmark
+class SegmentationBenchmark(Benchmark):
+    """The ImageNet-segmentation test (one record per method and image: counts and AP)."""
+
+    name = "segmentation"
+    help = "ImageNet-segmentation test (pixel accuracy, mIoU, mAP)"
+    description = "Threshold each map at its mean and compare with the object mask."
+
+    def __init__(self, model: torch.nn.Module, samples: Sequence[SegmentationSample],
+                 config: SegmentationConfig = SegmentationConfig(), identity: Mapping[str, Any] | None = None,
+                 provenance: Mapping[str, Any] | None = None):
+        super().__init__(model, samples, config, identity, provenance)
+        self.device = model_device(model)
+
+    def load(self, sample: SegmentationSample) -> tuple[torch.Tensor, torch.Tensor]:
+        return _load(sample, self.config)
+
+    def records(self, explain: Explain, method: str, batch: tuple[list, list], needs: list[list[tuple]],
+                failures: list[Failure]) -> list[dict]:
+        samples, loaded = batch
+        rows = [i for i, keys in enumerate(needs) if keys]
+        images = torch.stack([loaded[i][0] for i in rows]).to(self.device)
+        maps = explain(self.config.normalization(images), target=None).upsampled(size=self.config.image_size)
+        records = []
+        for j, i in enumerate(rows):
+            if not torch.isfinite(maps[j]).all():
+                report_non_finite(failures, samples[i].id, method)
+                continue
+            records.append({"method": method, "id": samples[i].id, **image_scores(maps[j], loaded[i][1])})
+        return records
+
+    def summarise(self, records: Mapping[tuple, dict], ids: Sequence[str], methods: Sequence[str],
+                  cfg: str) -> dict[str, Any]:
+        return summarise_segmentation(records, ids, methods, cfg)
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        add_model_data(parser)
+        parser.add_argument("--format", choices=["mat", "masks", "fashion"],
+                            help="mat: gtsegs_ijcv.mat; masks: DATA/images/NAME.ext + DATA/masks/NAME.png, "
+                                 "mask > 0 = foreground; fashion: Fashion-MNIST test canvases with the item "
+                                 "mask, DATA = the Fashion-MNIST folder (default: mat for a file, masks for a "
+                                 "folder)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, device: torch.device) -> SegmentationBenchmark:
+        model, size, norm = load_vision(args, device)
+        fmt = args.format or ("masks" if Path(args.data).is_dir() else "mat")
+        if fmt == "fashion":
+            samples, identity = fashion.canvas_segmentation(root=args.data), fashion_data(args)
+        else:
+            samples = datasets.mask_folder(args.data) if fmt == "masks" else datasets.mat_segmentation(args.data)
+            identity = {"data": fmt}
+        return cls(model, samples[: args.limit], SegmentationConfig(size, norm), identity, provenance(args))
+
+    def print_summary(self, summary: Mapping[str, Any]) -> None:
+        print(f"{'method':<26}{'pixel acc %':>14}{'mIoU %':>10}{'mAP %':>10}")
+        for method, r in summary["results"].items():
+            cells = [r["pixel_accuracy"], r["mIoU"], r["mAP"]]
+            print(f"{method:<26}" + "".join(f"{'-' if c is None else f'{100 * c:.2f}':>{w}}"
+                                           for c, w in zip(cells, (14, 10, 10))))
+
+
 def run_segmentation(
     model: torch.nn.Module,
     explainer: Explainer,
@@ -79,42 +138,16 @@ def run_segmentation(
     progress: bool = True,
     restart: bool = False,
     provenance: Mapping[str, Any] | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the segmentation test and write the summary JSON; returns it.
 
     A mask of another size than its image is not resized: that sample fails (listed in the
-    summary with both sizes). ``identity``, ``restart`` and ``provenance`` as in
+    summary with both sizes). ``identity``, ``restart``, ``provenance`` and ``options`` as in
     ``run_perturbation``.
     """
-    device = model_device(model)
-    failures: list[Failure] = []
-
-    with (open_run(out_dir, "segmentation", model, samples, identity, config, OUTPUT_FILES, restart,
-                   provenance) as run,
-          ResultStore(run.folder / RESULTS_FILE, ("cfg", "method", "id")) as store):
-        run.check_records(store.records.values())
-        cfg = run.cfg
-        pending = pending_samples(samples, lambda s: all((cfg, m, s.id) in store for m in methods))
-        for batch, loaded in load_batches(pending, lambda s: _load(s, config), batch_size, failures,
-                                          progress, desc="segmentation"):
-            images = torch.stack([image for image, _ in loaded]).to(device)
-            for method in methods:
-                rows = [i for i, s in enumerate(batch) if (cfg, method, s.id) not in store]
-                if not rows:
-                    continue
-                x = config.normalization(images[torch.tensor(rows, device=device)])
-                maps = explainer.explain(x, method=method, target=None).upsampled(size=config.image_size)
-                records = []
-                for j, i in enumerate(rows):
-                    if not torch.isfinite(maps[j]).all():
-                        report_non_finite(failures, batch[i].id, method)
-                        continue
-                    records.append({"method": method, "id": batch[i].id, **image_scores(maps[j], loaded[i][1])})
-                store.add(run.stamp(records))
-        require_results(samples, failures, (r["id"] for r in store.records.values()))
-        summary = summarise_segmentation(store.records, [s.id for s in samples], methods, cfg)
-        write_summary(run.folder / SUMMARY_FILE, summary, run, len(samples), failures)
-    return summary
+    return run_benchmark(SegmentationBenchmark(model, samples, config, identity, provenance), explainer, methods,
+                         out_dir, options=options, batch_size=batch_size, progress=progress, restart=restart)
 
 
 def summarise_segmentation(records: Mapping[tuple, dict], ids: Sequence[str], methods: Sequence[str],

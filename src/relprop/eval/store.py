@@ -26,9 +26,10 @@ Record = dict[str, Any]
 class ResultStore:
     """Records of one JSONL file, keyed by ``key_fields``; use as a context manager."""
 
-    def __init__(self, path: str | Path, key_fields: tuple[str, ...]):
+    def __init__(self, path: str | Path, key_fields: tuple[str, ...], read_only: bool = False):
         self.path = Path(path)
         self.key_fields = key_fields
+        self.read_only = read_only  # another process owns the file: read it, never repair or append
         self.records: dict[tuple, Record] = {}
         self._file: Optional[TextIO] = None
         self._recover()
@@ -44,7 +45,7 @@ class ResultStore:
             return
         data = self.path.read_bytes()
         complete = data[: data.rfind(b"\n") + 1]
-        if len(complete) < len(data):
+        if len(complete) < len(data) and not self.read_only:
             # Cut the torn tail so the next append starts on a fresh line.
             log.warning("%s: dropping an incomplete last line (%d bytes) from an interrupted run",
                         self.path, len(data) - len(complete))
@@ -66,7 +67,7 @@ class ResultStore:
                 continue
             self.records[key] = record
             lines.append(line)
-        if duplicates:
+        if duplicates and not self.read_only:
             log.warning("%s: removing %d duplicate records", self.path, duplicates)
             atomic_write_text(self.path, "".join(line + "\n" for line in lines))
 
@@ -80,6 +81,8 @@ class ResultStore:
                 new.setdefault(key, record)
         if not new:
             return
+        if self.read_only:
+            raise ValueError(f"{self.path} is open read-only")
         if self._file is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(self.path, "a", encoding="utf-8")
