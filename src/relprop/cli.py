@@ -16,7 +16,7 @@ import numpy as np
 from .errors import RelpropError, RunFailure
 
 # Sub-commands living in modules that may need optional packages
-EXTENSIONS = ("relprop.text.cli", "relprop.eval.cli", "relprop.demo", "relprop.uses_cli")
+EXTENSIONS = ("relprop.text.cli", "relprop.eval.cli", "relprop.demo", "relprop.uses_cli", "relprop.serve.cli")
 MANIFEST = "relprop-outputs.json"
 
 

@@ -60,3 +60,11 @@ class Interrupted(RunFailure):
     """A run stopped by Ctrl-C; everything it finished is kept for the rerun."""
 
     exit_code = 130
+
+
+class UnknownModelError(UsageError):
+    """A model name the explorer was not started with (``relprop serve --model``)."""
+
+
+class TooLargeError(InputError):
+    """An upload over the explorer's byte or pixel limit."""

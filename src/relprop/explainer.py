@@ -12,7 +12,7 @@ from .errors import InputError, OptionError, UnsupportedModelError, did_you_mean
 from .registry import Family, family_of, labels_of
 from .graph import Program, tracer_for
 from .inputs import DYNAMIC, Prepared, prepare
-from .attributions import Method, Trace, get_method
+from .attributions import Method, Requirements, Trace, get_method
 from .attributions.base import resolve_options
 from .result import Explanation, Internals
 from .rules import PRESETS, get_rule_set
@@ -207,8 +207,70 @@ class Explainer:
             scores, output, target_index = self._by_gradient(chosen, options, needs, program, prepared, target)
             internals = None
         else:
-            scores, output, target_index, internals = self._by_trace(chosen, options, needs, program, prepared,
-                                                                     target, sites, keep_internals)
+            (scores,), output, target_index, internals = self._by_trace([(chosen, options)], needs, program, prepared,
+                                                                        target, sites, keep_internals)
+        return self._explanation(method, chosen, options, scores, output, target_index, prepared, internals)
+
+    def explain_many(self, inputs: Any, methods: Sequence[str], target: TargetLike = None,
+                     options: Optional[dict[str, dict]] = None) -> dict[str, Explanation]:
+        """Several methods' explanations of one batch for the same target, sharing passes.
+
+        The inputs are checked and the graph looked up once. The methods that read one pass
+        (attention, its gradients, a relevance propagation with one rule set) are computed
+        together: one forward, one gradient computation for all the blocks any of them needs,
+        one propagation down to the lowest block any of them needs; each method then reads its
+        own map from that pass. Methods that need no relevance join the first rule set's pass.
+        AttnLRP and CP-LRP (one modified backward pass each) run on their own.
+
+        Parameters
+        ----------
+        inputs, target
+            As for `explain`.
+        methods : sequence of str
+            Some of `relprop.methods()` (a repeated one is explained once).
+        options : dict of str to dict, optional
+            Method -> its options.
+
+        Returns
+        -------
+        dict of str to Explanation
+            Method -> what ``explain(inputs, method, target, **options[method])`` returns
+            (internals not kept), in the order given. The maps agree up to float rounding: a
+            streaming method alone computes its attention on the fused path.
+        """
+        options = dict(options or {})
+        stray = sorted(set(options) - set(methods))
+        if stray:
+            raise OptionError(f"options given for {stray[0]!r}, which is not among the methods {list(methods)}")
+        named = [(method, get_method(method)) for method in dict.fromkeys(methods)]     # refused before any work
+        resolved_options = [resolve_options(chosen, options.get(method, {}), self.family.defaults().get(method, {}))
+                            for method, chosen in named]
+        program, prepared = self.program(inputs)
+        sites = self._sites(program)
+        planned = [(method, chosen, resolved, chosen.requirements(len(sites), **resolved))
+                   for (method, chosen), resolved in zip(named, resolved_options)]
+        passes: dict[Optional[str], list] = {}
+        for entry in planned:
+            if entry[3].gradient_rules is None:
+                passes.setdefault(entry[3].relevance_rules, []).append(entry)
+        if None in passes and len(passes) > 1:          # no rules needed: ride along with the first rule set
+            free = passes.pop(None)
+            passes[next(iter(passes))] += free
+        results: dict[str, Explanation] = {}
+        for group in passes.values():
+            needs = _merged([entry[3] for entry in group])
+            scores, output, target_index, _ = self._by_trace([(chosen, resolved) for _, chosen, resolved, _ in group],
+                                                             needs, program, prepared, target, sites, False)
+            for (method, chosen, resolved, _), map_ in zip(group, scores):
+                results[method] = self._explanation(method, chosen, resolved, map_, output, target_index, prepared, None)
+        for method, chosen, resolved, needs in planned:
+            if needs.gradient_rules is not None:
+                map_, output, target_index = self._by_gradient(chosen, resolved, needs, program, prepared, target)
+                results[method] = self._explanation(method, chosen, resolved, map_, output, target_index, prepared, None)
+        return {method: results[method] for method, *_ in planned}
+
+    def _explanation(self, method: str, chosen, options: dict, scores: torch.Tensor, output,
+                     target_index, prepared: Prepared, internals: Optional[Internals]) -> Explanation:
         grid = prepared.extras.get("grid") if not chosen.input_level else None
         return Explanation(relevance=scores.detach(), target=target_index, logits=self._logits(output, prepared.valid),
                            method=method, options=options, grid=grid,
@@ -216,15 +278,18 @@ class Explainer:
                            mask=prepared.extras.get("attention_mask"), internals=internals,
                            modality=self.family.modality)
 
-    def _by_trace(self, chosen, options: dict, needs, program: Program, prepared: Prepared, target: TargetLike,
-                  sites: list[int], keep_internals: bool):
+    def _by_trace(self, methods: list[tuple[Method, dict]], needs, program: Program, prepared: Prepared,
+                  target: TargetLike, sites: list[int], keep_internals: bool):
         """The attention-based methods and LRP: one forward, attention gradients, relevance
-        propagation, then the method reads the per-block A, ∇A, R_A."""
+        propagation, then each method (with its options) reads the per-block A, ∇A, R_A;
+        ``needs`` covers all of them. Returns one map per method."""
+        chosen, options = methods[0]
         num_blocks = len(sites)
         rules = None if needs.relevance_rules is None else get_rule_set(needs.relevance_rules)
         preset = PRESETS[self.family.preset]
         input_point = self._input_point(program) if needs.input_relevance else None
-        streams = not keep_internals and type(chosen).reduce_block is not Method.reduce_block
+        # one method that reduces each block as the propagation reaches it keeps no block's ∇A, R_A
+        streams = not keep_internals and len(methods) == 1 and type(chosen).reduce_block is not Method.reduce_block
         # a streaming method on SDPA attention: the forward keeps no block's A (recomputed by the
         # relevance rule when it reaches the block; ∇A = ∇O · Vᵀ from the SDPA output's gradient)
         fused = (streams and rules is not None and self.family.token_grids is None
@@ -268,6 +333,7 @@ class Explainer:
                 if layout is not None:
                     grad, rel = layout.globalize(block, grad, prepared.batch), layout.globalize(block, rel, prepared.batch)
                 part = chosen.reduce_block(grad, rel, **options)
+                assert part is not None          # streaming is chosen only for a method that reduces its blocks
                 if heads is None:
                     reduced[block] = part
                 else:
@@ -305,13 +371,16 @@ class Explainer:
                           parents=None if layout is None else layout.parents, reduced=reduced)
             if input_point is not None:
                 trace.input_relevance = self._input_relevance(relevance.at[input_point])
-            scores = chosen(trace, **options)
-            if not chosen.input_level:
-                scores = scores[:, content]
-            if self.family.modality == "text":
-                scores = scores.masked_fill(~valid, 0)
+            maps = []
+            for method, method_options in methods:
+                scores = method(trace, **method_options)
+                if not method.input_level:
+                    scores = scores[:, content]
+                if self.family.modality == "text":
+                    scores = scores.masked_fill(~valid, 0)
+                maps.append(scores)
         internals = Internals(trace.attention, grads, attention_relevance) if keep_internals else None
-        return scores, output, target_index, internals
+        return maps, output, target_index, internals
 
     def _by_gradient(self, chosen, options: dict, needs, program: Program, prepared: Prepared, target: TargetLike):
         """AttnLRP / CP-LRP: one forward with the rule set's modified backward (`gradient_rules`),
@@ -641,6 +710,16 @@ def _readout_weights(readout: str, prefix: int, num_tokens: int, like: torch.Ten
         weights = weights / 2
         weights[:, 0] = 0.5
     return weights
+
+
+def _merged(needs: Sequence[Requirements]) -> Requirements:
+    """What several methods of one pass need together (they share ``relevance_rules`` or need none)."""
+    rules = {n.relevance_rules for n in needs} - {None}
+    assert len(rules) <= 1, "one relevance rule set per pass"
+    lowest = [n.relevance_lowest for n in needs if n.relevance_lowest is not None]
+    return Requirements(gradient_blocks=set().union(*(n.gradient_blocks for n in needs)),
+                        relevance_rules=next(iter(rules), None), relevance_lowest=min(lowest) if lowest else None,
+                        input_relevance=any(n.input_relevance for n in needs), all_rows=any(n.all_rows for n in needs))
 
 
 def _kept_values(program: Program, rules) -> frozenset:

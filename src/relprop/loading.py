@@ -6,7 +6,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import BinaryIO, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -385,7 +385,7 @@ class ImagePreprocessor:
         return (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
 
 
-def read_image(path: str | Path, note: Optional[Note] = None):
+def read_image(path: str | Path | BinaryIO, note: Optional[Note] = None):
     """An 8-bit RGB PIL image of the file as it looks, or an InputError naming the file.
 
     Pillow's own ``convert("RGB")`` clips images beyond 8 bits (16-bit ones turn white, float
@@ -403,8 +403,8 @@ def read_image(path: str | Path, note: Optional[Note] = None):
 
     Parameters
     ----------
-    path : str or Path
-        The image file.
+    path : str, Path or binary file
+        The image file (an open binary file, e.g. uploaded bytes, is named by its ``str``).
     note : callable, optional
         Receives one line when an image is min-max scaled (default: a warning).
 

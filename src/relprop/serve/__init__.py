@@ -1,0 +1,1 @@
+"""``relprop serve``: an interactive explorer in the browser (Starlette app, hand-written page)."""
