@@ -176,10 +176,11 @@ def test_paper_method_streams_the_attention_relevance(name, slices, monkeypatch)
     streamed_slices = head_slices[:len(head_slices) - len(full.internals.attention_relevance)]
     if slices == "all heads at once":
         assert all(heads is None for heads in streamed_slices)
-    else:       # one head at a time (the models' SDPA calls get key-value heads already repeated)
+    else:       # one key-value group at a time (the graph's repeat_kv is folded into SDPA's enable_gqa)
         total = model.config.num_attention_heads
+        group = total // getattr(model.config, "num_key_value_heads", total)
         blocks = len(full.internals.attention_relevance)
-        assert streamed_slices == [(head, head + 1, total) for head in range(total)] * blocks
+        assert streamed_slices == [(head, head + group, total) for head in range(0, total, group)] * blocks
 
 
 def test_head_slices_keep_key_value_groups_whole(monkeypatch):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import UnsupportedModelError
 from .graph import Program, Ref, Step
@@ -84,6 +85,52 @@ def attention_bias(mask: Optional[torch.Tensor], is_causal: bool, q: torch.Tenso
         else:
             bias = mask.to(q.dtype)
     return bias
+
+
+# a boolean mask -> {dtype: what a fused SDPA call gets instead}; keyed by the mask tensor itself,
+# which every block of a pass shares (the graph computes the mask once)
+_LEAN_MASKS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_CAUSAL = "causal"
+
+
+def lean_sdpa_arguments(args: list, kwargs: dict) -> tuple[list, dict]:
+    """A fused SDPA call's arguments with a boolean mask made cheap to keep for the backward pass.
+
+    SDPA turns a boolean mask into a float one (-inf where masked) at every call, and autograd
+    saves that copy for each block: [B, 1, N, N] floats per block, 64 MiB each at 4,096 tokens.
+    Here the conversion happens once per mask (the same -inf/0 values, shared by all blocks); a mask
+    that keeps everything (an encoder's unpadded batch) is dropped, and one that is exactly causal
+    (a decoder's unpadded batch) becomes ``is_causal=True``, as ``transformers`` passes them outside
+    an export. Masked scores are -inf either way: the same result."""
+    args, kwargs = list(args), dict(kwargs)
+    in_args = len(args) > 3
+    mask = args[3] if in_args else kwargs.get("attn_mask")
+    is_causal = args[5] if len(args) > 5 else kwargs.get("is_causal", False)
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or is_causal:
+        return args, kwargs
+    q = args[0]
+    lean = _LEAN_MASKS.setdefault(mask, {})
+    if q.dtype not in lean:
+        n, s = mask.shape[-2:]
+        if bool(mask.all()):
+            lean[q.dtype] = None
+        elif n == s == q.shape[-2] and torch.equal(
+                mask, torch.ones(n, s, dtype=torch.bool, device=mask.device).tril().expand_as(mask)):
+            lean[q.dtype] = _CAUSAL
+        else:
+            lean[q.dtype] = torch.zeros(mask.shape, dtype=q.dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+    replacement = lean[q.dtype]
+    if replacement is _CAUSAL:
+        replacement = None
+        if len(args) > 5:
+            args[5] = True
+        else:
+            kwargs["is_causal"] = True
+    if in_args:
+        args[3] = replacement
+    else:
+        kwargs["attn_mask"] = replacement
+    return args, kwargs
 
 
 def head_groups(q: torch.Tensor, k: torch.Tensor, enable_gqa) -> int:
@@ -162,7 +209,8 @@ def forward(program: Program, inputs: dict[str, torch.Tensor], weights: dict[str
             continue
         if step.kind == "attention" and fused_attention:
             sdpa_args = [0.0 if position == 4 else a for position, a in enumerate(args)]     # no dropout
-            out = step.target(*sdpa_args, **({**kwargs, "dropout_p": 0.0} if len(args) <= 4 else kwargs))
+            sdpa_args, sdpa_kwargs = lean_sdpa_arguments(sdpa_args, kwargs if len(args) > 4 else {**kwargs, "dropout_p": 0.0})
+            out = step.target(*sdpa_args, **sdpa_kwargs)
             if step.index == grad_step:
                 out = out.detach().requires_grad_(True)
             probabilities = None

@@ -532,8 +532,10 @@ class Explainer:
         _check_finite(logits)
         index = self._resolve_target(target, logits)
 
-        def score_of(out):
-            return self._scores(out, valid).gather(1, index[:, None]).squeeze(1)
+        rows = torch.arange(index.shape[0], device=index.device)
+
+        def score_of(out):        # indexing, not gather: gather's backward would keep all the class scores
+            return self._scores(out, valid)[rows, index]
         return score_of, index
     def _resolve_target(self, target: TargetLike, logits: torch.Tensor) -> torch.Tensor:
         batch, classes = logits.shape

@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from .engine import lean_sdpa_arguments
 from .errors import OptionError, UnsupportedModelError
 
 aten = torch.ops.aten
@@ -52,12 +53,16 @@ class _ScaleGradient(torch.autograd.Function):
 
 
 class _ImplicitIdentity(torch.autograd.Function):
-    """``y`` forward, as a function of ``x`` for autograd: backward ``g * y / (x + eps)``."""
+    """An activation ``y = compute()`` as a function of its input ``x`` for autograd: backward
+    ``g * y / (x + eps)``. ``compute`` runs inside ``forward`` (no autograd), so the op's own
+    backward node, which would keep ``x`` alive until the backward pass, is never built: only
+    the ratio is saved, as in LXT."""
 
     @staticmethod
-    def forward(ctx, x, y):
-        ctx.save_for_backward(y.detach() / (x.detach() + IDENTITY_EPSILON))
-        return y.detach().clone()
+    def forward(ctx, x, compute):
+        y = compute()
+        ctx.save_for_backward(y / (x + IDENTITY_EPSILON))
+        return y
 
     @staticmethod
     def backward(ctx, grad):
@@ -95,9 +100,10 @@ def plain(call: Call):
 
 def implicit_identity(call: Call):
     """Identity rule for an element-wise activation of one tensor (or a region of them)."""
-    out = call.run()
     source = call.source
-    return _ImplicitIdentity.apply(source, out) if source is not None and source.requires_grad else out
+    if source is None or not source.requires_grad:
+        return call.run()
+    return _ImplicitIdentity.apply(source, call.run)
 
 
 def uniform_product(call: Call):
@@ -164,7 +170,7 @@ def _sdpa(call: Call, q_factor, v_factor, constant_scores: bool):
     kwargs = dict(call.kwargs)
     kwargs.pop("dropout_p", None)
     args = [q, k, v] + [0.0 if i == 4 else a for i, a in enumerate(call.args[3:], start=3)]
-    return call.run(args, kwargs)
+    return call.run(*lean_sdpa_arguments(args, kwargs))
 
 
 def attnlrp_attention(call: Call):

@@ -301,6 +301,7 @@ def build_program(exported, input_names: list[str]) -> Program:
             outputs.append(None)
             constant_outputs[i] = arg
     _collapse_activations(steps, shape_of, {i for i in outputs if i is not None})
+    _fold_repeated_heads(steps, shape_of)
     sites = [s.index for s in steps if s.data and _is_attention_probabilities(s, steps)]
     for site in sites:
         _mark_mask(steps, site)
@@ -363,6 +364,86 @@ def _collapse_activations(steps: list[Step], shape_of: dict, outputs: set[int]) 
                 steps[m].data_inputs, steps[m].consumers = [], []
         steps[x].consumers = [c for c in steps[x].consumers if c not in inside] + [y.index]
         steps[x].last_use = max(steps[x].last_use, y.index)
+
+
+_FULL_SLICE_END = 2 ** 63 - 1
+
+
+def _repeat_chain(steps: list[Step], index: int) -> Optional[tuple[int, int, list[int]]]:
+    """``(source, groups, chain)`` when step ``index`` is ``transformers``' ``repeat_kv`` of a
+    [B, H_kv, S, D] tensor: ``x[:, :, None].expand(B, H_kv, groups, S, D).reshape(B, H_kv * groups,
+    S, D)`` (full slices may sit between), else None."""
+    def full_slice(step: Step) -> bool:
+        start = step.args[2] if len(step.args) > 2 else 0
+        end = step.args[3] if len(step.args) > 3 else None
+        step_size = step.args[4] if len(step.args) > 4 else 1
+        return start in (0, None) and end in (None, _FULL_SLICE_END) and step_size == 1
+
+    def producer(i: int, *targets) -> Optional[int]:
+        while steps[i].target is aten.slice.Tensor and full_slice(steps[i]) and isinstance(steps[i].args[0], Ref):
+            chain.append(i)
+            i = steps[i].args[0].index
+        if steps[i].target not in targets or not steps[i].args or not isinstance(steps[i].args[0], Ref):
+            return None
+        chain.append(i)
+        return steps[i].args[0].index
+
+    chain: list[int] = []
+    expand = producer(index, aten.reshape.default, aten.view.default, aten._unsafe_view.default)
+    if expand is None:
+        return None
+    unsqueeze = producer(expand, aten.expand.default)
+    if unsqueeze is None:
+        return None
+    sizes = steps[chain[-1]].args[1]
+    source = producer(unsqueeze, aten.unsqueeze.default)
+    if source is None or steps[chain[-1]].args[1] != 2:
+        return None
+    while steps[source].target is aten.slice.Tensor and full_slice(steps[source]) and isinstance(steps[source].args[0], Ref):
+        chain.append(source)
+        source = steps[source].args[0].index
+    groups = sizes[2] if isinstance(sizes, (list, tuple)) and len(sizes) == 5 else None
+    return (source, groups, chain) if isinstance(groups, int) else None
+
+
+def _fold_repeated_heads(steps: list[Step], shape_of: dict) -> None:
+    """Grouped-query attention as the graph has it (``repeat_kv`` copies each key/value head to its
+    query heads before SDPA) becomes one SDPA call with ``enable_gqa=True`` on the key-value heads:
+    the same attention, without the repeated [B, H, S, D] copies that autograd would keep for the
+    backward pass and the rules would read. The repeat's steps no longer run (kind "meta"); the
+    attention rules sum k's and v's relevance over each group, as the repeat's own rule would."""
+    users: dict[int, set[int]] = collections.defaultdict(set)
+    for step in steps:
+        _walk((step.args, step.kwargs), lambda r, i=step.index: users[r.index].add(i))
+    for step in steps:
+        if step.kind != "attention" or len(step.args) < 3 or step.kwargs.get("enable_gqa"):
+            continue
+        q = step.args[0]
+        maybe = [_repeat_chain(steps, a.index) if isinstance(a, Ref) else None for a in step.args[1:3]]
+        found = [f for f in maybe if f is not None]
+        if not isinstance(q, Ref) or len(found) != 2:
+            continue
+        heads = (shape_of.get(q.index) or (None, None))[1]
+        sources = [shape_of.get(f[0]) for f in found]
+        if not all(s is not None and len(s) == 4 and isinstance(s[1], int) and isinstance(heads, int)
+                   and s[1] * f[1] == heads for s, f in zip(sources, found)):
+            continue
+        chains = {i for f in found for i in f[2]}
+        ends = {a.index for a in step.args[1:3]}
+        if any(users[i] - chains - {step.index} or (i in ends and users[i] != {step.index}) for i in chains):
+            continue                        # a repeated value read elsewhere: leave the graph as it is
+        args = list(step.args)
+        for position, (source, _, _) in zip((1, 2), found):
+            end = args[position].index
+            args[position] = Ref(source)
+            step.data_inputs = [source if i == end else i for i in step.data_inputs]
+            steps[source].consumers = [c for c in steps[source].consumers if c not in chains] + [step.index]
+            steps[source].last_use = max(steps[source].last_use, step.index)
+        step.data_inputs = list(dict.fromkeys(step.data_inputs))
+        step.args, step.kwargs = tuple(args), {**step.kwargs, "enable_gqa": True}
+        for i in chains:
+            dead = steps[i]
+            dead.kind, dead.data, dead.data_inputs, dead.consumers = "meta", False, [], []
 
 
 def _functional(target: Any) -> Any:
