@@ -218,7 +218,7 @@ class CounterfactualBenchmark(Benchmark):
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         from .perturbation import _replace
 
-        add_model_data(parser)   # --model minilm-sst2: the bundled sentiment model
+        add_model_data(parser, kinds=("image", "text"))
         parser.add_argument("--format", choices=["fashion", "sst2"], default="fashion",
                             help="fashion: Fashion-MNIST test canvases (DATA = its folder), units = patches; "
                                  "sst2: SST-2 sentences (DATA = a folder with test.tsv, or a .tsv file), units = words")
@@ -234,15 +234,14 @@ class CounterfactualBenchmark(Benchmark):
 
         prune = not args.no_prune
         if args.format == "sst2":
-            from ..text.cli import BUNDLED, load
+            from ..loading import load_text_classifier
 
             if args.replace != 0.0:
                 raise UsageError("--replace is for --format fashion; a removed word is deleted")
-            model, tokenizer = load(args.model)
+            model, tokenizer = load_text_classifier(args.model)
             model.to(device)
             samples = sst2_sentences(args.data, args.limit)
-            where = {"model": args.model if args.model == BUNDLED else str(Path(args.model).resolve()),
-                     "data": str(Path(args.data).resolve())}
+            where = provenance(args)
             return cls(model, samples, CounterfactualConfig("sst2", prune=prune), {"data": "sst2"}, where,
                        tokenizer, args.forward_batch_size)
         model, size, norm = load_vision(args, device)
