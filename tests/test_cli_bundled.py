@@ -117,3 +117,15 @@ def test_help_lists_the_bundled_names_once(capsys):
         assert out.count(name) == 1, name
     assert "fmnist-vit, an image classifier" in out and "tiny-lm, a causal language model" in out
 
+
+def test_readme_table_of_bundled_models_is_the_registrys():
+    from pathlib import Path
+
+    from relprop.loading import KINDS
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    rows = [line for line in readme.splitlines() if line.startswith("| `") and " | " in line
+            and line.split("`")[1] in BUNDLED_MODELS]
+    assert [row.split("`")[1] for row in rows] == list(BUNDLED_MODELS)
+    for row, model in zip(rows, BUNDLED_MODELS.values()):
+        assert row.split(" | ")[1] == KINDS[model.kind][0].split(" ", 1)[1], row
