@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 from collections import defaultdict
@@ -31,6 +32,22 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def replacement_value(text: str) -> float | str:
+    """argparse ``type=`` for ``--replace`` (``relprop counterfactual``, ``eval perturbation``,
+    ``eval counterfactual``): what removed pixels become, a number in [0, 1] image space
+    (before normalisation) or ``"blur"`` (a blurred copy of the image); anything else, NaN and
+    infinities included (no removal a model can see), is a usage error naming the value."""
+    if text == "blur":
+        return text
+    try:
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    if not (math.isfinite(number) and 0 <= number <= 1):
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] (image space) or 'blur', got {text!r}")
+    return number
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -31,8 +31,7 @@ MIN_PANEL = 256          # small model inputs (64x64) are scaled up (nearest) to
 
 def register(subparsers: Any) -> None:
     from .attributions import method_names
-    from .cli import positive_int
-    from .eval.perturbation import _replace
+    from .cli import positive_int, replacement_value
 
     loc = subparsers.add_parser("localize", help="weak localisation: a mask and a bounding box from the map",
                                 description="Threshold each image's map (mean: the paper's segmentation rule; "
@@ -61,7 +60,7 @@ def register(subparsers: Any) -> None:
     cf.add_argument("--method", default="transformer_attribution", choices=method_names())
     cf.add_argument("--target", help="class to flip away from (default: the prediction)")
     cf.add_argument("--to", help="class that must win instead (default: any other class)")
-    cf.add_argument("--replace", type=_replace, default=0.0,
+    cf.add_argument("--replace", type=replacement_value, default=0.0,
                     help="images: value of removed pixels in [0, 1] image space (default 0), or 'blur'")
     cf.add_argument("--no-prune", action="store_true", help="keep the greedy prefix (skip the pruning step)")
     cf.add_argument("--batch-size", type=positive_int, default=64, help="candidate inputs per forward (default 64)")
