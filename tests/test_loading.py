@@ -124,6 +124,18 @@ def test_positive_int_accepts_counts():
     assert positive_int("1") == 1 and positive_int("12") == 12
 
 
+def test_replacement_value_is_a_unit_number_or_blur():
+    import argparse
+
+    from relprop.cli import replacement_value
+
+    assert replacement_value("blur") == "blur" and replacement_value("0") == 0.0 and replacement_value("1") == 1.0
+    assert replacement_value("0.5") == 0.5
+    for value in ("nan", "inf", "-0.1", "1.5", "Blur", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"or 'blur', got {value!r}"):
+            replacement_value(value)
+
+
 # --- models of the wrong kind, tokenizers (items 3 and 5) -------------------------------------
 
 def test_a_model_type_of_neither_kind_is_named(tmp_path):

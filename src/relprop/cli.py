@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import sys
 from collections import defaultdict
@@ -31,6 +32,22 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def replacement_value(text: str) -> float | str:
+    """argparse ``type=`` for ``--replace`` (``relprop counterfactual``, ``eval perturbation``,
+    ``eval counterfactual``): what removed pixels become, a number in [0, 1] image space
+    (before normalisation) or ``"blur"`` (a blurred copy of the image); anything else, NaN and
+    infinities included (no removal a model can see), is a usage error naming the value."""
+    if text == "blur":
+        return text
+    try:
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    if not (math.isfinite(number) and 0 <= number <= 1):
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] (image space) or 'blur', got {text!r}")
+    return number
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -245,13 +262,14 @@ def _parse_target(value: Optional[str], labels: dict[int, str]) -> Optional[int]
 
 def build_parser() -> argparse.ArgumentParser:
     from .attributions import method_names
+    from .loading import bundled_models_help, model_help
 
     parser = ArgumentParser(prog="relprop", description="Explain Transformer classifiers "
-                            "(Chefer, Gur & Wolf, CVPR 2021, and its baselines).")
+                            "(Chefer, Gur & Wolf, CVPR 2021, and its baselines).", epilog=bundled_models_help())
     sub = parser.add_subparsers(dest="command", required=True)
     explain = sub.add_parser("explain", help="explain image classifications: PNG overlays + .npy maps")
     explain.add_argument("images", nargs="+", help="image files")
-    explain.add_argument("--model", required=True, help="local model folder or Hugging Face Hub id")
+    explain.add_argument("--model", required=True, help=model_help("image"))
     explain.add_argument("--method", default="transformer_attribution", choices=method_names())
     group = explain.add_mutually_exclusive_group()
     group.add_argument("--target", help="class index or label name to explain (default: the prediction)")
@@ -266,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     for register in registers:
         register(sub)
     if missing:
-        parser.epilog = "not available here: " + "; ".join(
+        parser.epilog = f"{bundled_models_help()}. Not available here: " + "; ".join(
             f"the commands of {module} (it needs the missing package {package!r}: pip install it)"
             for module, package in missing)
     return parser

@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ASSETS = Path(__file__).parent / "assets"
-FASHION_MODEL = ASSETS / "fmnist_vit"
+from .loading import BUNDLED_MODELS, FASHION_VIT
+
+FASHION_MODEL = BUNDLED_MODELS[FASHION_VIT].folder
 SENTENCES = [
     "A gorgeous, witty and deeply moving film that never wastes a scene.",
     "The plot is thin, the jokes fall flat and the two hours feel like four.",

@@ -46,8 +46,10 @@ class RunFailure(RelpropError):
     exit_code = 1
 
 
-def did_you_mean(name: str, choices) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.5)
+def did_you_mean(name: str, choices, cutoff: float = 0.5) -> str:
+    """" Did you mean 'x'?" for the (at most three) choices at least ``cutoff`` alike to ``name``
+    (difflib's ratio), else ""."""
+    close = difflib.get_close_matches(name, list(choices), n=3, cutoff=cutoff)
     return f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
 
 

@@ -1,4 +1,7 @@
-"""Load a user's model (local folder or hub id) and its preprocessing, offline-safe."""
+"""Load a model (a bundled name, a local folder or a Hub id) and its preprocessing, offline-safe.
+
+Every command's ``--model`` goes through the loaders here, so the bundled names (`BUNDLED_MODELS`)
+mean the same in all of them: `bundled_model` is the one resolver of those names."""
 from __future__ import annotations
 
 import json
@@ -11,7 +14,7 @@ from typing import BinaryIO, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .errors import InputError, ModelLoadError
+from .errors import InputError, ModelLoadError, UsageError, did_you_mean
 
 DEFAULT_MEAN = DEFAULT_STD = (0.5, 0.5, 0.5)
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -27,6 +30,51 @@ _KINDS = {
     "AutoModelForCausalLM": ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "a causal language model",
                              "relprop explain-text PROMPT --model {name} --generate N"),
 }
+# The kinds of model a command takes (the explorer's kinds): what each is, and the commands that take it
+KINDS = {
+    "image": ("an image classifier", "relprop explain, localize, counterfactual IMAGE, eval perturbation, "
+                                     "segmentation, class-specificity, localization, counterfactual --format "
+                                     "fashion, and serve"),
+    "text": ("a text classifier", "relprop explain-text TEXT, counterfactual --text, eval counterfactual "
+                                  "--format sst2, and serve"),
+    "generate": ("a causal language model", "relprop explain-text PROMPT --generate N, and serve"),
+}
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model shipped inside relprop, loaded offline by ``--model NAME`` in every command that
+    takes its kind (its underscore spelling, e.g. ``fmnist_vit``, names it too).
+
+    Parameters
+    ----------
+    name : str
+        The name ``--model`` takes.
+    kind : str
+        ``"image"`` (image classifier), ``"text"`` (text classifier) or ``"generate"`` (causal
+        language model): the keys of `KINDS`.
+    folder : pathlib.Path
+        Its files, under relprop/assets.
+    about : str
+        What it is, in a few words (for ``relprop --help``).
+    """
+
+    name: str
+    kind: str
+    folder: Path
+    about: str
+
+
+FASHION_VIT, SENTIMENT, TINY_LM = "fmnist-vit", "minilm-sst2", "tiny-lm"
+BUNDLED_MODELS = {model.name: model for model in (
+    BundledModel(FASHION_VIT, "image", ASSETS / "fmnist_vit", "a small ViT for cluttered Fashion-MNIST canvases"),
+    BundledModel(SENTIMENT, "text", ASSETS / "minilm_sst2", "MiniLM fine-tuned on SST-2 sentiment"),
+    BundledModel(TINY_LM, "generate", ASSETS / "tiny_lm", "a tiny Llama trained on movie reviews"),
+)}
+# How close an unknown bare name must be to a bundled one to be refused as its typo (without asking
+# the Hub): close enough for "fmnist-vt" or "tiny_lm2", not for Hub ids such as "distilgpt2"
+_TYPO_CUTOFF = 0.75
 # Plain words, digits and punctuation: a tokenizer that maps all of them to its unknown token
 # has no real vocabulary (e.g. the empty one transformers 5 builds for a folder without one).
 _PROBE_TEXT = "the movie was good, and I liked it: 10 / 10."
@@ -36,6 +84,76 @@ _HUB_PROBE_SECONDS = 60.0
 _hub_probes: dict[str, tuple[float, bool]] = {}
 
 Note = Callable[[str], None]
+
+
+def bundled_model(name: str, kind: Optional[str] = None) -> Optional[BundledModel]:
+    """The bundled model ``name`` names (or its underscore spelling), None for a folder or Hub id.
+
+    The one resolver of bundled names: every loader of this module calls it first, so a bundled
+    name wins over a folder of that name in the working directory (pass ``./NAME`` for the folder).
+
+    Parameters
+    ----------
+    name : str
+        What ``--model`` was given.
+    kind : str, optional
+        The kind the command takes (a key of `KINDS`); None accepts every kind.
+
+    Returns
+    -------
+    BundledModel or None
+
+    Raises
+    ------
+    UsageError
+        ``name`` is a bundled model of another kind: one line naming the commands that take it.
+    ModelLoadError
+        ``name`` is no existing path and so close to a bundled name that it is taken for a typo
+        (a did-you-mean; the Hugging Face Hub is not asked).
+    """
+    model = BUNDLED_MODELS.get(name.replace("_", "-"))
+    if model is None:
+        close = did_you_mean(name.lower().replace("_", "-"), BUNDLED_MODELS, cutoff=_TYPO_CUTOFF)
+        bare = not name.startswith((".", "~")) and "/" not in name and "\\" not in name
+        if close and bare and not Path(name).exists():
+            raise ModelLoadError(f"--model {name!r} is neither a bundled model nor a local folder.{close} "
+                                 f"(bundled: {', '.join(BUNDLED_MODELS)}; pass ./{name} for a folder)")
+        return None
+    if kind is not None and model.kind != kind:
+        what, commands = KINDS[model.kind]
+        raise UsageError(f"--model {model.name} is the bundled {what.split(' ', 1)[1]}, not {KINDS[kind][0]}; "
+                         f"the commands that take it: {commands}")
+    return model
+
+
+def bundled_models_help() -> str:
+    """One paragraph for ``relprop --help``: the bundled names, each with what it is."""
+    listed = "; ".join(f"{m.name}, {KINDS[m.kind][0]} ({m.about})" for m in BUNDLED_MODELS.values())
+    return (f"Bundled models (offline; --model NAME in every command that takes their kind, underscores work "
+            f"too): {listed}")
+
+
+def model_help(*kinds: str) -> str:
+    """The ``--model`` help of a command that takes models of ``kinds``: a folder, a Hub id or the
+    bundled name(s) of those kinds."""
+    names = " or ".join(m.name for m in BUNDLED_MODELS.values() if m.kind in kinds)
+    return f"local model folder, Hugging Face Hub id, or the bundled {names}"
+
+
+def _load_bundled(model: BundledModel):
+    """The bundled ``model`` (eval mode): an image classifier, or (model, tokenizer) for text."""
+    if model.kind == "image":
+        from transformers import AutoModelForImageClassification
+
+        return _load_classifier(AutoModelForImageClassification, str(model.folder))
+    try:
+        from .text import pretrained
+
+        if model.kind == "text":
+            return pretrained.load_sentiment_model(model.folder)
+        return pretrained.load_tiny_lm(model.folder)
+    except (ImportError, RuntimeError, OSError) as error:   # e.g. the MiniLM base package missing
+        raise ModelLoadError(f"the bundled {model.name} could not be loaded: {_first_line(error)}") from None
 
 
 def _warn(message: str) -> None:
@@ -161,7 +279,7 @@ def _load_classifier(factory, name: str):
 
 
 def load_image_classifier(name: str):
-    """An ``AutoModelForImageClassification`` from a folder or Hub id, in eval mode.
+    """An ``AutoModelForImageClassification`` from a bundled name, a folder or a Hub id, in eval mode.
 
     Raises
     ------
@@ -171,6 +289,9 @@ def load_image_classifier(name: str):
     """
     from transformers import AutoModelForImageClassification
 
+    bundled = bundled_model(name, "image")
+    if bundled is not None:
+        return _load_bundled(bundled)
     return _load_classifier(AutoModelForImageClassification, name)
 
 
@@ -192,7 +313,8 @@ def _check_head(config, name: str, causal: bool) -> None:
 
 
 def load_causal_lm(name: str):
-    """An ``AutoModelForCausalLM`` (eval mode) and its tokenizer, checked as in `load_text_classifier`.
+    """An ``AutoModelForCausalLM`` (eval mode) and its tokenizer, checked as in `load_text_classifier`
+    (the bundled ``tiny-lm`` by name).
 
     Raises
     ------
@@ -201,12 +323,16 @@ def load_causal_lm(name: str):
     """
     from transformers import AutoModelForCausalLM
 
+    bundled = bundled_model(name, "generate")
+    if bundled is not None:
+        return _load_bundled(bundled)
     model = _load_classifier(AutoModelForCausalLM, name)
     return model, _load_tokenizer(name, model)
 
 
 def load_text_classifier(name: str):
-    """An ``AutoModelForSequenceClassification`` (eval mode) and its tokenizer.
+    """An ``AutoModelForSequenceClassification`` (eval mode) and its tokenizer (the bundled
+    ``minilm-sst2`` by name).
 
     The tokenizer is refused (ModelLoadError) when it is missing -- transformers 5 then builds one
     that knows only its special tokens, so every word would be unknown -- when it maps plain words,
@@ -215,6 +341,9 @@ def load_text_classifier(name: str):
     """
     from transformers import AutoModelForSequenceClassification
 
+    bundled = bundled_model(name, "text")
+    if bundled is not None:
+        return _load_bundled(bundled)
     model = _load_classifier(AutoModelForSequenceClassification, name)
     return model, _load_tokenizer(name, model)
 
@@ -264,6 +393,9 @@ def check_tokenizer(tokenizer, model, name: str) -> None:
 
 def _preprocessor_file(name: str, note: Note) -> Optional[Path]:
     """The model's preprocessor_config.json, or None (said in one note) when it has none."""
+    bundled = bundled_model(name, "image")
+    if bundled is not None:
+        name = str(bundled.folder)
     local = _local_folder(name)
     if local is not None:
         file = local / PREPROCESSOR_FILE

@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .errors import RelpropError, RunFailure, UsageError
+from .loading import SENTIMENT, model_help
 
 BOX_COLOUR = (255, 0, 0)
 MASK_COLOUR = np.array([0, 200, 255])
@@ -30,15 +31,14 @@ MIN_PANEL = 256          # small model inputs (64x64) are scaled up (nearest) to
 
 def register(subparsers: Any) -> None:
     from .attributions import method_names
-    from .cli import positive_int
-    from .eval.perturbation import _replace
+    from .cli import positive_int, replacement_value
 
     loc = subparsers.add_parser("localize", help="weak localisation: a mask and a bounding box from the map",
                                 description="Threshold each image's map (mean: the paper's segmentation rule; "
                                             "otsu; mass:P, the smallest region holding P%% of the positive "
                                             "relevance) and box the mask's largest connected component.")
     loc.add_argument("images", nargs="+", help="image files")
-    loc.add_argument("--model", required=True, help="local model folder or Hugging Face Hub id")
+    loc.add_argument("--model", required=True, help=model_help("image"))
     loc.add_argument("--method", default="transformer_attribution", choices=method_names())
     loc.add_argument("--target", help="class index or label name to localise (default: the prediction)")
     loc.add_argument("--threshold", default="mean", type=_threshold, metavar="mean|otsu|mass:P",
@@ -55,12 +55,12 @@ def register(subparsers: Any) -> None:
                                            "needed.")
     cf.add_argument("images", nargs="*", default=[], help="image files")
     cf.add_argument("--text", action="append", help="a text to explain instead of images (repeat for several)")
-    cf.add_argument("--model", help="model folder or Hub id (images: required; text: default minilm-sst2, "
-                                    "the bundled sentiment model)")
+    cf.add_argument("--model", help=f"{model_help('image', 'text')} (images: required; --text: default "
+                                    f"{SENTIMENT})")
     cf.add_argument("--method", default="transformer_attribution", choices=method_names())
     cf.add_argument("--target", help="class to flip away from (default: the prediction)")
     cf.add_argument("--to", help="class that must win instead (default: any other class)")
-    cf.add_argument("--replace", type=_replace, default=0.0,
+    cf.add_argument("--replace", type=replacement_value, default=0.0,
                     help="images: value of removed pixels in [0, 1] image space (default 0), or 'blur'")
     cf.add_argument("--no-prune", action="store_true", help="keep the greedy prefix (skip the pruning step)")
     cf.add_argument("--batch-size", type=positive_int, default=64, help="candidate inputs per forward (default 64)")
@@ -230,7 +230,7 @@ def run_counterfactual(args) -> int:
             raise UsageError("--replace is for images; a removed word is deleted from the text")
         return _counterfactual_texts(args)
     if not args.model:
-        raise UsageError("images need --model (a model folder or Hub id)")
+        raise UsageError(f"images need --model ({model_help('image')})")
     return _counterfactual_images(args)
 
 
@@ -300,13 +300,13 @@ def _counterfactual_texts(args) -> int:
     from .counterfactual import text_counterfactuals
     from .explainer import Explainer
     from .files import atomic_write_text, output_dir
-    from .text.cli import BUNDLED, load
+    from .loading import load_text_classifier
 
     texts = [t for t in args.text]
     if not all(t.strip() for t in texts):
         raise UsageError("--text is empty")
     out = output_dir(args.out) if args.out else None
-    model, tokenizer = load(args.model or BUNDLED)
+    model, tokenizer = load_text_classifier(args.model or SENTIMENT)
     explainer = Explainer(model)
     labels = explainer.labels
     found = text_counterfactuals(explainer, tokenizer, texts, args.method, target=_class(args.target, labels),

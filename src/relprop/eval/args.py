@@ -13,6 +13,7 @@ import torch
 
 from ..cli import positive_int
 from ..errors import UnsupportedModelError, UsageError
+from ..loading import bundled_model, model_help
 from . import datasets, fashion, loading
 from .images import Normalization
 from .runner import logits_function
@@ -20,9 +21,10 @@ from .runner import logits_function
 log = logging.getLogger(__name__)
 
 
-def add_model_data(parser: argparse.ArgumentParser) -> None:
-    """--model, --data and the preprocessing options of an image benchmark."""
-    parser.add_argument("--model", required=True, help="model folder (save_pretrained) or Hugging Face Hub id")
+def add_model_data(parser: argparse.ArgumentParser, kinds: tuple[str, ...] = ("image",)) -> None:
+    """--model (of ``kinds``, see `relprop.loading.KINDS`), --data and the preprocessing options of
+    an image benchmark."""
+    parser.add_argument("--model", required=True, help=model_help(*kinds))
     parser.add_argument("--data", required=True, help="dataset path (see --format)")
     parser.add_argument("--image-size", type=positive_int, nargs="+", metavar="N",
                         help="input H [W] (default: the model config's image_size)")
@@ -87,8 +89,9 @@ def label_map(spec: str | None, model: torch.nn.Module) -> dict[str, int] | None
 
 def provenance(args: argparse.Namespace) -> dict[str, str]:
     """Where the model and data came from: noted in the summary, not compared on resume."""
-    model = Path(args.model)
-    return {"model": str(model.resolve()) if model.is_dir() else args.model, "data": str(Path(args.data).resolve())}
+    bundled, model = bundled_model(args.model), Path(args.model)
+    where = bundled.name if bundled else str(model.resolve()) if model.is_dir() else args.model
+    return {"model": where, "data": str(Path(args.data).resolve())}
 
 
 def fashion_data(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:

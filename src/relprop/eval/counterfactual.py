@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..cli import positive_int
+from ..cli import positive_int, replacement_value
 from ..counterfactual import (Search, image_counterfactuals, patch_forward, search_removals, text_counterfactuals,
                               word_forward)
 from ..errors import InputError, UsageError
@@ -216,13 +216,11 @@ class CounterfactualBenchmark(Benchmark):
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        from .perturbation import _replace
-
-        add_model_data(parser)   # --model minilm-sst2: the bundled sentiment model
+        add_model_data(parser, kinds=("image", "text"))
         parser.add_argument("--format", choices=["fashion", "sst2"], default="fashion",
                             help="fashion: Fashion-MNIST test canvases (DATA = its folder), units = patches; "
                                  "sst2: SST-2 sentences (DATA = a folder with test.tsv, or a .tsv file), units = words")
-        parser.add_argument("--replace", type=_replace, default=0.0,
+        parser.add_argument("--replace", type=replacement_value, default=0.0,
                             help="fashion: value of removed pixels in [0, 1] image space (default 0), or 'blur'")
         parser.add_argument("--no-prune", action="store_true", help="skip pruning (record the greedy count only)")
         parser.add_argument("--forward-batch-size", type=positive_int, default=64, metavar="N",
@@ -234,15 +232,14 @@ class CounterfactualBenchmark(Benchmark):
 
         prune = not args.no_prune
         if args.format == "sst2":
-            from ..text.cli import BUNDLED, load
+            from ..loading import load_text_classifier
 
             if args.replace != 0.0:
                 raise UsageError("--replace is for --format fashion; a removed word is deleted")
-            model, tokenizer = load(args.model)
+            model, tokenizer = load_text_classifier(args.model)
             model.to(device)
             samples = sst2_sentences(args.data, args.limit)
-            where = {"model": args.model if args.model == BUNDLED else str(Path(args.model).resolve()),
-                     "data": str(Path(args.data).resolve())}
+            where = provenance(args)
             return cls(model, samples, CounterfactualConfig("sst2", prune=prune), {"data": "sst2"}, where,
                        tokenizer, args.forward_batch_size)
         model, size, norm = load_vision(args, device)

