@@ -4,10 +4,14 @@ that the runners must keep reproducing exactly (``tests/eval/test_reference_reco
 Vision: the first 4 single-item and 3 two-item Fashion-MNIST test canvases with the bundled
 ``fmnist_vit`` (perturbation, segmentation, class specificity; transformer_attribution with
 ``start_layer=1``, rollout, lrp). Text: the first 3 Zaidan test reviews with the bundled MiniLM
-(rationale token-F1: per-document word scores and P/R/F1 per k). One thread, so that the float
-reductions are the ones the test computes.
+(rationale token-F1: per-document word scores and P/R/F1 per k). Explanations in float64 and one
+thread: a float32 map (LRP's most of all) changes with the CPU's summation order enough to move a
+perturbation step or a segmentation pixel, so a float32 reference holds on the machine that made it
+only. It uses the runners of before the refactor, so it runs at that commit:
 
-    OMP_WAIT_POLICY=PASSIVE python scripts/record_eval_reference.py [--out PATH]
+    git worktree add /tmp/before d80676b && cp scripts/record_eval_reference.py /tmp/before/scripts/
+    cd /tmp/before && OMP_WAIT_POLICY=PASSIVE PYTHONPATH=src python scripts/record_eval_reference.py \
+        --out OUT_PATH
 
 Records keep only what a benchmark computes: the run-dependent fields (``cfg``: the settings
 id; ``src``: the data files' size and mtime) are dropped.
@@ -51,7 +55,7 @@ def vision_records(out: Path) -> dict[str, list[dict[str, Any]]]:
     model = loading.load_model(str(folder))
     preprocessor = loading.read_preprocessor_config(str(folder))
     size, norm = loading.image_size(model, preprocessor), loading.normalization(preprocessor)
-    explainer = fashion.MethodOptions(relprop.Explainer(model), {"transformer_attribution": {"start_layer": 1}})
+    explainer = fashion.MethodOptions(relprop.Explainer(model, dtype=torch.float64), {"transformer_attribution": {"start_layer": 1}})
     methods = list(VISION_METHODS)
     run_perturbation(model, explainer, fashion.canvas_images(N_CANVASES), methods, out / "perturbation",
                      PerturbationConfig(image_size=size, normalization=norm), batch_size=3, progress=False)
@@ -76,7 +80,7 @@ def rationale_records(out: Path) -> list[dict[str, Any]]:
     convert_zaidan(out / "eraser", archive=default_data_dir() / "movies" / "zaidan_rationales.tar.gz")
     examples = list(load_eraser(out / "eraser", "test"))[:N_REVIEWS]
     model, tokenizer = load_sentiment_model()
-    explainer = relprop.Explainer(model)
+    explainer = relprop.Explainer(model, dtype=torch.float64)
     records = []
     for example in examples:  # one review a pass: padding never enters the reference
         encoding = encode_words(tokenizer, example.tokens, max_length=512)
