@@ -333,7 +333,7 @@ def make_runner(model, name, batch, reference_lrp=None, baseline=None, length=No
         method = name
 
         def run():
-            explainer.explain(inputs, method, target=target)
+            run.result = explainer.explain(inputs, method, target=target)     # kept: the LXT agreement check
         run.explainer = explainer
     if device.type != "cuda":
         return run
@@ -484,6 +484,7 @@ def main(argv=None) -> None:
     if args.lxt_python:
         lxt_folder = tempfile.TemporaryDirectory(prefix="relprop-bench-lxt-")
         model.save_pretrained(lxt_folder.name)     # LXT loads the very same weights
+        config_for_transformers4(lxt_folder.name)
         results["lxt"] = lxt_versions(args.lxt_python)
     if args.device.startswith("cuda"):
         results["gpu"] = torch.cuda.get_device_name()
@@ -506,12 +507,18 @@ def main(argv=None) -> None:
                     start = time.perf_counter()
                     run()
                     times[name].append(time.perf_counter() - start)
+            ours = getattr(runners.get("attnlrp"), "result", None)
             del runners
             lxt = None
             if lxt_folder is not None:         # its own process, right after relprop's loop on the same inputs
                 lxt = measure_lxt(args.lxt_python, lxt_folder.name, args.model, batch, length, args.repeats,
                                   args.device)
                 times[LXT] = [lxt["median_s"]]
+                if ours is not None:           # the same map? (float32, so not to the last digit)
+                    results.setdefault("lxt_agreement", []).append(
+                        {"length": length, "batch": batch, "relprop_relevance_sum": ours.relevance.sum(-1).tolist(),
+                         "lxt_relevance_sum": lxt["relevance_sum"]})
+            del ours
             base_time = statistics.median(times["forward+backward"])
             base_mem = None if args.no_memory else memory("forward+backward", batch, length)
             for name in times:
@@ -538,6 +545,19 @@ def main(argv=None) -> None:
 
 LXT_FAMILIES = {"llama-long": "llama", "bert-base-512": "bert"}     # bench model -> LXT's patch module
 LXT_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lxt_attnlrp.py")
+
+
+def config_for_transformers4(folder: str) -> None:
+    """``transformers`` 5 writes RoPE's base under ``rope_parameters``; 4.x (LXT's environment)
+    reads ``rope_theta`` and would fall back to 10,000: write it where 4.x looks too."""
+    path = os.path.join(folder, "config.json")
+    with open(path) as handle:
+        config = json.load(handle)
+    rope = config.get("rope_parameters") or {}
+    if "rope_theta" in rope and "rope_theta" not in config:
+        config["rope_theta"] = rope["rope_theta"]
+        with open(path, "w") as handle:
+            json.dump(config, handle, indent=2)
 
 
 def lxt_versions(python: str) -> dict:

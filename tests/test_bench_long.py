@@ -98,7 +98,8 @@ def test_lxt_rows_come_from_the_lxt_python_and_give_relprop_over_lxt_ratios(benc
     fake.write_text('#!/bin/sh\ncase "$*" in *--versions*) echo \'{"lxt": "2.1"}\'; exit 0;; esac\n'
                     'folder=$(echo "$*" | sed "s/.*--folder \\([^ ]*\\).*/\\1/")\n'
                     'test -f "$folder/config.json" && test -f "$folder/bench_inputs.pt" || exit 3\n'
-                    'echo \'{"median_s": 0.5, "peak_bytes": 1048576}\'\n')
+                    'grep -q \'"rope_theta": 10000\' "$folder/config.json" || exit 4\n'     # where transformers 4 reads it
+                    'echo \'{"median_s": 0.5, "peak_bytes": 1048576, "relevance_sum": [0.25]}\'\n')
     fake.chmod(0o755)
     out = tmp_path / "long.json"
     bench_vit.main(["--model", "llama-long", "--layers", "1", "--lengths", "8", "--batches", "1", "--repeats", "1",
@@ -108,5 +109,7 @@ def test_lxt_rows_come_from_the_lxt_python_and_give_relprop_over_lxt_ratios(benc
     rows = {r["method"]: r for r in results["rows"]}
     assert rows["LXT attnlrp"]["median_s"] == 0.5
     assert rows["attnlrp"]["time_vs_lxt"] == pytest.approx(rows["attnlrp"]["median_s"] / 0.5)
+    agreement = results["lxt_agreement"][0]
+    assert agreement["lxt_relevance_sum"] == [0.25] and len(agreement["relprop_relevance_sum"]) == 1
     table = bench_vit.markdown_table(results["rows"])
     assert "time ÷ LXT" in table and f"| {rows['attnlrp']['time_vs_lxt']:.2f} |" in table
