@@ -131,7 +131,7 @@ def test_callable_target_of_the_wrong_shape_is_refused():
         explainer.explain(case.inputs(2), "rollout", target=lambda out: out.logits)
 
 
-@pytest.mark.parametrize("slices", ["all heads at once", "one key-value group at a time"])
+@pytest.mark.parametrize("slices", ["all heads at once", "one head at a time"])
 @pytest.mark.parametrize("name", ["vit", "llama_lm"])
 def test_paper_method_streams_the_attention_relevance(name, slices, monkeypatch):
     """transformer_attribution reduces each block's ∇A ⊙ R_A as the propagation reaches it: no
@@ -176,24 +176,25 @@ def test_paper_method_streams_the_attention_relevance(name, slices, monkeypatch)
     streamed_slices = head_slices[:len(head_slices) - len(full.internals.attention_relevance)]
     if slices == "all heads at once":
         assert all(heads is None for heads in streamed_slices)
-    else:       # one key-value group at a time (the graph's repeat_kv is folded into SDPA's enable_gqa)
+    else:       # one query head at a time, also inside a key-value group (Llama: enable_gqa, 2 per group)
         total = model.config.num_attention_heads
-        group = total // getattr(model.config, "num_key_value_heads", total)
         blocks = len(full.internals.attention_relevance)
-        assert streamed_slices == [(head, head + group, total) for head in range(0, total, group)] * blocks
+        assert streamed_slices == [(head, head + 1, total) for head in range(total)] * blocks
 
 
-def test_head_slices_keep_key_value_groups_whole(monkeypatch):
-    """Grouped-query attention: a slice of query heads holds whole groups, so that each slice
-    reads whole key-value heads; slices tile the heads and respect the byte budget."""
-    from relprop import oprules
+def test_head_slices_respect_the_byte_budget(monkeypatch):
+    """Slices of query heads tile the heads, each within the byte budget (at least one head), also
+    inside a group of grouped-query attention (a group larger than the budget is split: the budget
+    holds at long contexts); each slice reads one key-value head per query head."""
+    from relprop import engine, oprules
 
     q, k = torch.zeros(2, 8, 16, 4), torch.zeros(2, 2, 16, 4)          # 4 query heads per key-value head
     per_head = 2 * 16 * 16 * 4                                          # bytes of one head's [B, N, S] float32
     monkeypatch.setattr(oprules, "ATTENTION_SLICE_BYTES", 1)
-    assert oprules._head_slices(q, k, 4) == [(0, 4), (4, 8)]
-    monkeypatch.setattr(oprules, "ATTENTION_SLICE_BYTES", 5 * per_head)
-    assert oprules._head_slices(q, k, 4) == [(0, 4), (4, 8)]
-    assert oprules._head_slices(q, q, 1) == [(0, 5), (5, 8)]
+    assert oprules._head_slices(q, k) == [(h, h + 1) for h in range(8)]
+    monkeypatch.setattr(oprules, "ATTENTION_SLICE_BYTES", 3 * per_head)
+    assert oprules._head_slices(q, k) == [(0, 3), (3, 6), (6, 8)]
     monkeypatch.setattr(oprules, "ATTENTION_SLICE_BYTES", 8 * per_head)
-    assert oprules._head_slices(q, k, 4) == [(0, 8)]
+    assert oprules._head_slices(q, k) == [(0, 8)]
+    k = torch.arange(2.0).view(1, 2, 1, 1).expand(2, 2, 16, 4)
+    assert engine.kv_heads_of(k, 3, 6, 4)[0, :, 0, 0].tolist() == [0.0, 1.0, 1.0]   # heads 3 | 4, 5

@@ -142,6 +142,13 @@ def repeat_heads(k: torch.Tensor, groups: int) -> torch.Tensor:
     return k if groups == 1 else k.repeat_interleave(groups, dim=-3)
 
 
+def kv_heads_of(x, start: int, stop: int, groups: int):
+    """The key (or value) heads of query heads start..stop, one per query head: [.., stop - start, S, D]."""
+    if groups == 1:
+        return x[..., start:stop, :, :]
+    return x.index_select(-3, torch.arange(start, stop, device=x.device) // groups)
+
+
 def _attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False,
                grad_leaf=False):
     """SDPA with explicit probabilities (dropout is an inference no-op)."""

@@ -685,8 +685,7 @@ def _attention_grad(fwd: engine.Pass, site: int, out_grad: torch.Tensor, start: 
     step = fwd.program.steps[fwd.program.attention_sites[site]]
     q, k, v = (fwd.values[a.index] for a in step.args[:3])
     groups = engine.head_groups(q, k, step.kwargs.get("enable_gqa"))
-    v = v[..., start // groups:stop // groups, :, :]
-    return out_grad[..., start:stop, :, :] @ engine.repeat_heads(v, groups).transpose(-1, -2)
+    return out_grad[..., start:stop, :, :] @ engine.kv_heads_of(v, start, stop, groups).transpose(-1, -2)
 
 
 def _readout_weights(readout: str, prefix: int, num_tokens: int, like: torch.Tensor, batch: int,

@@ -36,7 +36,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .engine import _attention, head_groups, repeat_heads
+from .engine import _attention, head_groups, kv_heads_of, repeat_heads
 from .errors import UnsupportedModelError
 from .graph import Ref
 from .rules import bounded_input_rule, matmul_rule, per_sample_sum, safe_divide
@@ -301,12 +301,13 @@ ATTENTION_SLICE_BYTES = 128 * 2**20
 _SDPA = inspect.signature(_attention)
 
 
-def _head_slices(q, k, groups: int) -> list[tuple[int, int]]:
-    """Query-head ranges [start, stop) of at most `ATTENTION_SLICE_BYTES` each, whole key-value
-    groups (grouped-query attention), covering all heads."""
+def _head_slices(q, k) -> list[tuple[int, int]]:
+    """Query-head ranges [start, stop) of at most `ATTENTION_SLICE_BYTES` each (at least one
+    head), covering all heads. A range may split a group of grouped-query attention: each
+    slice reads its query heads' own key-value heads (`kv_heads_of`)."""
     heads = q.shape[-3]
     per_head = q[..., :1, :, :1].numel() * k.shape[-2] * q.element_size()
-    size = max(groups, ATTENTION_SLICE_BYTES // max(per_head, 1) // groups * groups)
+    size = max(1, ATTENTION_SLICE_BYTES // max(per_head, 1))
     return [(start, min(start + size, heads)) for start in range(0, heads, size)]
 
 
@@ -339,12 +340,12 @@ def attention(ctx, relevance):
         rel_q, rel_k, rel_v, mask_sums = parts
     else:
         sliced = []
-        for start, stop in _head_slices(q, k, groups):
-            kv = slice(start // groups, stop // groups)
-            q_s, k_s, v_s = q[..., start:stop, :, :], k[..., kv, :, :], v[..., kv, :, :]
-            _, probabilities, bias = _attention(**{**sdpa, "q": q_s, "k": k_s, "v": v_s,
+        for start, stop in _head_slices(q, k):     # per query head; k's and v's summed per group below
+            q_s = q[..., start:stop, :, :]
+            k_s, v_s = kv_heads_of(k, start, stop, groups), kv_heads_of(v, start, stop, groups)
+            _, probabilities, bias = _attention(**{**sdpa, "q": q_s, "k": k_s, "v": v_s, "enable_gqa": False,
                                                    "attn_mask": _of_heads(sdpa["attn_mask"], start, stop)})
-            rel_a, *parts = _attention_rule(ctx, q_s, k_s, v_s, probabilities.detach(), bias, groups, sdpa["scale"],
+            rel_a, *parts = _attention_rule(ctx, q_s, k_s, v_s, probabilities.detach(), bias, 1, sdpa["scale"],
                                             relevance[..., start:stop, :, :])
             del probabilities, bias
             whole = (start, stop) == (0, q.shape[-3])
@@ -352,6 +353,9 @@ def attention(ctx, relevance):
             del rel_a
             sliced.append(parts)
         rel_q, rel_k, rel_v = (None if part[0] is None else torch.cat(part, dim=-3) for part in list(zip(*sliced))[:3])
+        if groups > 1:      # per query head -> per key-value head, as _attention_rule sums a whole call's
+            rel_k, rel_v = (None if r is None else r.unflatten(-3, (k.shape[-3], groups)).sum(dim=-3)
+                            for r in (rel_k, rel_v))
         mask_sums = None if sliced[0][3] is None else sum(part[3] for part in sliced)
     if mask_sums is not None:       # the mask's addition rule, rescaled from all heads' totals at once
         factors = ctx.rules.add.rescale(*mask_sums)
