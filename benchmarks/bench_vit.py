@@ -43,8 +43,8 @@ Face model's and relprop's (float32, and float64 where the LRP map is well condi
     OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_vit.py --repeats 5 --reference ../Transformer-Explainability \
         --out benchmarks/results/vit_b16.json
     python benchmarks/bench_vit.py --device cuda --batches 1 8 32 --out benchmarks/results/vit_b16_cuda.json
-    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_vit.py --model llama-long --layers 2 --lengths 512 1024 \
-        --batches 1 --repeats 1 --lxt-python LXT_VENV/bin/python --out benchmarks/results/llama-long.json
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_vit.py --model llama-long --layers 2 --lengths 512 1024 2048 \
+        --batches 1 --repeats 1 --lxt-python LXT_VENV/bin/python --out benchmarks/results/llama-long-2layers.json
     python benchmarks/bench_vit.py --model llama-long --layers 16 --device cuda --batches 1 --repeats 3 \
         --lxt-python LXT_VENV/bin/python --out benchmarks/results/llama-long_cuda.json
 """
