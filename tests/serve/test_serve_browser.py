@@ -246,7 +246,8 @@ def test_bad_file_shows_an_error_in_the_page(browser, live_server, tmp_path):
     for name, data, message in (("bomb.png", bomb_png(), "decompression bomb"),
                                 ("notes.png", b"not an image", "not an image")):
         page.set_input_files("#upload", files=[{"name": name, "mimeType": "image/png", "buffer": data}])
-        sync_api.expect(page.locator("#error")).to_contain_text(message)
+        # expect() has its own 5 s default, which page.set_default_timeout does not change
+        sync_api.expect(page.locator("#error")).to_contain_text(message, timeout=TIMEOUT_MS)
         steps.shot("error_" + name.split(".")[0])
         page.set_input_files("#upload", files=[])
     upload(page, "ok.png", test_image(0))                          # the server kept serving
