@@ -124,7 +124,7 @@ def test_explorer_in_a_browser(browser, live_server, tmp_path):
     context, page, outside, problems = open_page(browser, live_server)
     steps = Steps(page, tmp_path / "screens")
     page.goto(live_server + "/")
-    page.wait_for_selector("#model option", state="attached")
+    page.wait_for_selector("body[data-ready]", state="attached")      # start() done: uploads are not reset
     assert page.title() == "relprop explorer"
     steps.shot("loaded")
 
@@ -217,7 +217,7 @@ def test_escaping_executes_nothing(browser, live_server, evil_model_dir, tmp_pat
     context, page, outside, problems = open_page(browser, live_server, bypass_csp=True)
     steps = Steps(page, tmp_path / "screens")
     page.goto(live_server + "/")
-    page.wait_for_selector("#model option", state="attached")
+    page.wait_for_selector("body[data-ready]", state="attached")      # start() done: uploads are not reset
     explain_text(page, SCRIPT_TEXT)
     page.wait_for_selector("body[data-inside][data-whatif]", state="attached")
     assert "<script>window.__pwned" in page.locator("#maps p.words").first.text_content()
@@ -242,7 +242,7 @@ def test_bad_file_shows_an_error_in_the_page(browser, live_server, tmp_path):
     context, page, outside, problems = open_page(browser, live_server)
     steps = Steps(page, tmp_path / "screens")
     page.goto(live_server + "/")
-    page.wait_for_selector("#model option", state="attached")
+    page.wait_for_selector("body[data-ready]", state="attached")      # start() done: uploads are not reset
     for name, data, message in (("bomb.png", bomb_png(), "decompression bomb"),
                                 ("notes.png", b"not an image", "not an image")):
         page.set_input_files("#upload", files=[{"name": name, "mimeType": "image/png", "buffer": data}])

@@ -117,6 +117,8 @@ async function start() {
   for (const c of canvases.canvases) $("canvas").appendChild(el("option", { value: String(c.index) }, "canvas " + c.index + " (" + c.label + ")"));
   if (canvases.note) { $("canvas-note").textContent = canvases.note; $("canvas-note").hidden = false; }
   chooseModel();
+  // set up: an interaction before this would be reset by chooseModel (the browser test waits for it)
+  document.body.dataset.ready = "true";
 }
 
 function chooseModel() {
